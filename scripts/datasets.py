@@ -1,0 +1,130 @@
+"""Dataset discovery: the anomaly-detection folder convention or a CSV list, as MONAI data dicts.
+
+Folder convention (the layout of ChestX-ray14 subsets used by ART-ASyn and of the demo phantoms)::
+
+    <root>/train/healthy/*.png            training normals
+    <root>/test/healthy/*.png             test normals       (label 0)
+    <root>/test/diseased/*.png            test abnormals     (label 1)
+    <root>/ground_truth/diseased/<name>   lesion masks, same file name as the diseased image (optional)
+
+CSV list (any other layout): columns ``image,label,mask`` (``mask`` optional, may be empty); relative
+paths are resolved against the CSV's folder. Each data dict is
+``{"image": path, "label": 0|1, "gt_mask": path|None, "split": ..., "name": ...}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from custom_transforms.io import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+SPLITS = {
+    "train": [("train/healthy", 0)],
+    "test": [("test/healthy", 0), ("test/diseased", 1)],
+    "test_healthy": [("test/healthy", 0)],
+    "test_diseased": [("test/diseased", 1)],
+}
+
+
+def list_images(folder) -> list[Path]:
+    """Image files in ``folder`` (not recursive), sorted by name; hidden and temporary files skipped."""
+    folder = Path(folder)
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
+    )
+
+
+def _mask_for(root: Path, sub: str, image: Path) -> str | None:
+    gt_dir = root / "ground_truth" / Path(sub).name
+    if not gt_dir.is_dir():
+        return None
+    for cand in (gt_dir / image.name, *(gt_dir / (image.stem + s) for s in (".png", ".nii.gz", ".nii"))):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+def discover_folder(root, split: str = "train") -> list[dict]:
+    """Data dicts of one split (``train``, ``test``, ``test_healthy``, ``test_diseased``) of a folder dataset."""
+    root = Path(root)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder not found: '{root}'. Expected {root}/train/healthy, {root}/test/healthy and "
+            f"{root}/test/diseased (see docs/data.md), or set dataset_dir to the demo phantoms."
+        )
+    items = []
+    for sub, label in SPLITS[split]:
+        folder = root / sub
+        if not folder.is_dir():
+            raise FileNotFoundError(f"dataset folder '{root}' has no '{sub}' folder (needed for split '{split}')")
+        for p in list_images(folder):
+            items.append({"image": str(p), "label": label, "gt_mask": _mask_for(root, sub, p) if label else None,
+                          "split": split, "name": p.name})
+    if not items:
+        raise FileNotFoundError(f"no images found for split '{split}' under '{root}' (suffixes {IMAGE_SUFFIXES})")
+    logger.info("%s: %d images for split '%s' (%d with lesion masks)", root, len(items), split,
+                sum(i["gt_mask"] is not None for i in items))
+    return items
+
+
+def discover_csv(csv_path, split: str | None = None) -> list[dict]:
+    """Data dicts from a CSV with columns ``image,label[,mask][,split]``; optional filter on ``split``."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"dataset CSV not found: '{csv_path}'")
+    items = []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"image", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}; need image,label[,mask][,split]")
+        for line, row in enumerate(reader, start=2):
+            if split is not None and row.get("split") not in (None, "", split):
+                continue
+            image = (csv_path.parent / row["image"]).resolve() if row["image"] else None
+            if image is None or not image.is_file():
+                raise FileNotFoundError(f"{csv_path}:{line}: image file not found: '{row['image']}'")
+            try:
+                label = int(row["label"])
+            except ValueError:
+                raise ValueError(f"{csv_path}:{line}: label must be 0 or 1, got {row['label']!r}") from None
+            if label not in (0, 1):
+                raise ValueError(f"{csv_path}:{line}: label must be 0 or 1, got {label}")
+            mask = (row.get("mask") or "").strip()
+            mask_path = (csv_path.parent / mask).resolve() if mask else None
+            if mask_path is not None and not mask_path.is_file():
+                raise FileNotFoundError(f"{csv_path}:{line}: mask file not found: '{mask}'")
+            items.append({"image": str(image), "label": label, "gt_mask": str(mask_path) if mask_path else None,
+                          "split": row.get("split") or split or "", "name": image.name})
+    if not items:
+        raise ValueError(f"{csv_path}: no rows" + (f" for split '{split}'" if split else ""))
+    return items
+
+
+def discover(source, split: str = "train") -> list[dict]:
+    """Data dicts from a dataset folder or a CSV file (chosen by what ``source`` is)."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        return discover_csv(source, split=None if split == "all" else split)
+    return discover_folder(source, split)
+
+
+def split_holdout(items: list[dict], fraction: float = 0.1, minimum: int = 1) -> tuple[list[dict], list[dict]]:
+    """Deterministic (train, holdout) split: every k-th item by sorted name goes to the hold-out set."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 images to hold some out for validation, got {len(items)}")
+    n_hold = min(len(items) - 1, max(minimum, round(len(items) * fraction)))
+    step = len(items) / n_hold
+    hold_idx = {int(i * step) for i in range(n_hold)}
+    train = [it for i, it in enumerate(items) if i not in hold_idx]
+    hold = [it for i, it in enumerate(items) if i in hold_idx]
+    return train, hold
