@@ -9,7 +9,8 @@ Folder convention (the layout of ChestX-ray14 subsets used by ART-ASyn and of th
 
 CSV list (any other layout): columns ``image,label,mask`` (``mask`` optional, may be empty); relative
 paths are resolved against the CSV's folder. Each data dict is
-``{"image": path, "label": 0|1, "gt_mask": path|None, "split": ..., "name": ...}``.
+``{"image": path, "label": 0|1, "split": ..., "name": ...}`` plus ``"gt_mask": path`` when the image has a
+lesion mask (the key is left out otherwise, so that batches collate; ``LoadCXRd`` fills empty masks).
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def discover_folder(root, split: str = "train") -> list[dict]:
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset folder '{root}' has no '{sub}' folder (needed for split '{split}')")
         for p in list_images(folder):
-            items.append({"image": str(p), "label": label, "gt_mask": _mask_for(root, sub, p) if label else None,
-                          "split": split, "name": p.name})
+            item = {"image": str(p), "label": label, "split": split, "name": p.name}
+            mask = _mask_for(root, sub, p) if label else None
+            if mask is not None:
+                item["gt_mask"] = mask
+            items.append(item)
     if not items:
         raise FileNotFoundError(f"no images found for split '{split}' under '{root}' (suffixes {IMAGE_SUFFIXES})")
     logger.info("%s: %d images for split '%s' (%d with lesion masks)", root, len(items), split,
-                sum(i["gt_mask"] is not None for i in items))
+                sum("gt_mask" in i for i in items))
     return items
 
 
@@ -101,8 +105,10 @@ def discover_csv(csv_path, split: str | None = None) -> list[dict]:
             mask_path = (csv_path.parent / mask).resolve() if mask else None
             if mask_path is not None and not mask_path.is_file():
                 raise FileNotFoundError(f"{csv_path}:{line}: mask file not found: '{mask}'")
-            items.append({"image": str(image), "label": label, "gt_mask": str(mask_path) if mask_path else None,
-                          "split": row.get("split") or split or "", "name": image.name})
+            item = {"image": str(image), "label": label, "split": row.get("split") or split or "", "name": image.name}
+            if mask_path is not None:
+                item["gt_mask"] = str(mask_path)
+            items.append(item)
     if not items:
         raise ValueError(f"{csv_path}: no rows" + (f" for split '{split}'" if split else ""))
     return items
