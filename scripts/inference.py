@@ -1,0 +1,111 @@
+"""Inference outputs: per image an anomaly heatmap, a binary mask and an image score.
+
+:class:`InferenceWriter` is an ignite handler for a MONAI evaluator whose post-processing is
+``custom_transforms.anomaly.AnomalyPostd``. For each input ``<stem>`` it writes to ``output_dir``:
+
+- ``<stem>_overlay.png``: the image with the heatmap blended in and the mask outlined (for people);
+- ``<stem>_amap.nii.gz`` and ``<stem>_mask.nii.gz`` (``maps="nifti"``) or ``<stem>_amap.png`` and
+  ``<stem>_mask.png`` (``maps="png"``): the anomaly map ``|I - I_hat|`` and the binary mask, at the model's
+  input size, stored as ``(x, y)`` like MONAI/ITK 2-D NIfTI (they open in the PNG's orientation);
+- ``scores.csv`` and ``scores.json`` at the end: file, score, mask fraction, flagged (score > threshold).
+
+All files are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from custom_transforms.io import atomic_write_bytes, save_png
+from scripts.handlers import write_json
+from scripts.preview import draw_contours, to_rgb
+
+logger = logging.getLogger(__name__)
+
+
+def _2d(x) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return a.reshape(a.shape[-2:]).astype(np.float32)
+
+
+def save_nifti(path, arr2d: np.ndarray) -> None:
+    """Save a 2-D (row, col) array as NIfTI in the (x, y) convention, atomically."""
+    import nibabel as nib
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name[:-7]}.tmp{os.getpid()}.nii.gz")
+    try:
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr2d.T), np.eye(4)), str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, gain: float = 4.0) -> np.ndarray:
+    """RGB overlay: heatmap of ``gain * amap`` blended where it is non-zero, mask outlined in yellow."""
+    base = to_rgb(image)
+    heat = cv2.applyColorMap((np.clip(gain * amap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    w = np.clip(gain * amap, 0, 1)[..., None] * 0.6
+    out = (base * (1 - w) + heat * w).astype(np.uint8)
+    return draw_contours(out, mask > 0.5, (255, 220, 0))
+
+
+class InferenceWriter:
+    """Write heatmaps, masks, overlays and scores of every image the evaluator sees."""
+
+    def __init__(self, output_dir, maps: str = "nifti", score_threshold: float | None = None):
+        if maps not in ("nifti", "png"):
+            raise ValueError(f"maps must be 'nifti' or 'png', got {maps!r}")
+        self.output_dir, self.maps, self.score_threshold = Path(output_dir), maps, score_threshold
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_items)
+        engine.add_event_handler(Events.COMPLETED, self.write_scores)
+
+    def write_items(self, engine: Engine) -> None:
+        out = engine.state.output
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for item in out if isinstance(out, list) else [out]:
+            src = str(getattr(item["image"], "meta", {}).get("filename_or_obj", f"image_{len(self.rows):05d}"))
+            stem = Path(src).name
+            for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"):
+                if stem.lower().endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            img, amap, mask = _2d(item["image"]), _2d(item["amap"]), _2d(item["pred_mask"])
+            save_png(self.output_dir / f"{stem}_overlay.png", overlay(img, amap, mask))
+            if self.maps == "nifti":
+                save_nifti(self.output_dir / f"{stem}_amap.nii.gz", amap)
+                save_nifti(self.output_dir / f"{stem}_mask.nii.gz", mask.astype(np.uint8))
+            else:
+                save_png(self.output_dir / f"{stem}_amap.png", np.clip(amap, 0, 1))
+                save_png(self.output_dir / f"{stem}_mask.png", mask)
+            score = float(_2d(item["score"]).reshape(-1)[0]) if np.ndim(item["score"]) else float(item["score"])
+            row = {"file": src, "score": score, "mask_fraction": float(mask.mean())}
+            if self.score_threshold is not None:
+                row["flagged"] = int(score > self.score_threshold)
+            self.rows.append(row)
+
+    def write_scores(self, engine: Engine | None = None) -> None:
+        if not self.rows:
+            logger.warning("inference saw no images; no scores written")
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_bytes(self.output_dir / "scores.csv", buf.getvalue().encode())
+        write_json(self.output_dir / "scores.json", self.rows)
+        print(f"inference: {len(self.rows)} images -> {self.output_dir} (scores.csv, *_overlay.png, "
+              f"*_amap/*_mask .{'nii.gz' if self.maps == 'nifti' else 'png'})")
