@@ -34,13 +34,13 @@ class ResumableCheckpoint:
     """
 
     def __init__(self, ckpt_dir, save_dict: dict, resume: bool = True, prefix: str = "train",
-                 save_interval: int = 1):
+                 save_interval: int = 1, save: bool = True):
         if isinstance(resume, str):  # command-line overrides arrive as text
             if resume.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"resume must be true or false, got {resume!r}")
             resume = resume.lower() in ("true", "1")
         self.ckpt_dir, self.save_dict, self.resume, self.prefix = ckpt_dir, dict(save_dict), resume, prefix
-        self.save_interval = save_interval
+        self.save_interval, self.save = save_interval, save  # save=False: load only (DDP ranks > 0)
 
     def attach(self, engine: Engine) -> None:
         state = {**self.save_dict, "trainer": engine}
@@ -50,8 +50,9 @@ class ResumableCheckpoint:
             CheckpointLoader(load_path=str(path), load_dict=state, map_location="cpu").attach(engine)
         elif self.resume:
             logger.info("no checkpoint in '%s': training from scratch", self.ckpt_dir)
-        CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=state, file_prefix=self.prefix,
-                        save_interval=self.save_interval, n_saved=1, epoch_level=True).attach(engine)
+        if self.save:
+            CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=state, file_prefix=self.prefix,
+                            save_interval=self.save_interval, n_saved=1, epoch_level=True).attach(engine)
 
 
 def _panel(x: torch.Tensor) -> np.ndarray:

@@ -1,18 +1,26 @@
-"""Evaluation metrics, all per image (never across a batch): anomaly maps, scores, masks, AUROC/AP, Dice."""
+"""Evaluation metrics, all per image (never across a batch): anomaly maps, scores, masks, AUROC/AP, Dice.
+
+Array functions accept numpy arrays or torch tensors and return the same kind. Image stacks are
+``(N, ...)`` with the first axis indexing images (``(N, 1, H, W)``, ``(N, H, W)``); a 2-D array ``(H, W)`` is
+one image. A channel-first single image ``(1, H, W)`` is therefore one image too.
+
+:class:`SyntheticDiceMetric` is an ignite ``Metric`` for a MONAI ``SupervisedEvaluator`` validating on
+synthetic anomalies (predicted mask vs the synthetic mask).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+__all__ = ["anomaly_map", "image_score", "paper_mask", "calibrate_threshold", "threshold_mask", "image_auroc_ap",
+           "roc_curve_points", "pr_curve_points", "dice_micro", "dice_per_image", "dice_score",
+           "SyntheticDiceMetric"]
 
-def _lib(x):
-    return torch if isinstance(x, torch.Tensor) else np
-
-
-def anomaly_map(image, recon):
-    """``A = |I - I_hat|`` (same shape and type as the inputs)."""
-    return (image - recon).abs() if isinstance(image, torch.Tensor) else np.abs(np.asarray(image) - np.asarray(recon))
+SCORE_KINDS = ("mse", "mean_abs", "topk_mean")
 
 
 def _per_image(x):
@@ -20,73 +28,238 @@ def _per_image(x):
     return x.reshape(1, -1) if x.ndim == 2 else x.reshape(x.shape[0], -1)
 
 
-def image_score(image, recon, kind: str = "mse"):
-    """Image anomaly score per image: ``"mse"`` (paper), ``"mean_abs"`` or ``"topk_mean"`` (mean of the top 1 %)."""
+def _np_bool(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x) > 0.5 if np.asarray(x).dtype != bool else np.asarray(x)
+
+
+def anomaly_map(image, recon):
+    """``A = |I - I_hat|`` (same shape and type as the inputs)."""
+    if isinstance(image, torch.Tensor):
+        return (image - torch.as_tensor(recon, dtype=image.dtype, device=image.device)).abs()
+    return np.abs(np.asarray(image, np.float32) - np.asarray(recon, np.float32))
+
+
+def image_score(image, recon, kind: str = "mse", topk_fraction: float = 0.01):
+    """Image anomaly score, per image.
+
+    ``"mse"``: mean of ``(I - I_hat)^2`` (the paper); ``"mean_abs"``: mean of ``A``; ``"topk_mean"``: mean of
+    the largest ``topk_fraction`` of ``A`` (at least one pixel). A 2-D input gives a scalar, a stack one
+    score per image.
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score kind must be one of {SCORE_KINDS}, got {kind!r}")
+    if not 0.0 < topk_fraction <= 1.0:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
     err = _per_image(anomaly_map(image, recon))
     if kind == "mse":
         s = (err ** 2).mean(1)
     elif kind == "mean_abs":
         s = err.mean(1)
-    elif kind == "topk_mean":
-        k = max(1, int(round(0.01 * err.shape[1])))
+    else:
+        k = max(1, int(round(topk_fraction * err.shape[1])))
         s = torch.topk(err, k, dim=1).values.mean(1) if isinstance(err, torch.Tensor) else \
             np.sort(err, axis=1)[:, -k:].mean(1)
-    else:
-        raise ValueError(f"score kind must be 'mse', 'mean_abs' or 'topk_mean', got {kind!r}")
-    return s[0] if image.ndim == 2 else s
+    return s[0] if np.ndim(image) == 2 else s
 
 
 def paper_mask(amap, floor: float = 0.03, rel: float = 0.2):
-    """``A >= max(floor, rel * max(A))`` with the max taken per image (the published code took it per batch)."""
+    """``A >= max(floor, rel * max(A))`` with the max taken per image.
+
+    The published code took the max over the whole batch, so one image's mask depended on the other images
+    in its batch; here each image is thresholded on its own. Returns a boolean array of ``amap``'s shape.
+    """
     flat = _per_image(amap)
-    peak = flat.max(1).values if isinstance(flat, torch.Tensor) else flat.max(1)
-    thr = rel * peak
-    thr = thr.clamp(min=floor) if isinstance(thr, torch.Tensor) else np.maximum(thr, floor)
-    shape = (-1,) + (1,) * (amap.ndim - 1) if amap.ndim > 2 else ()
-    return amap >= (thr.reshape(shape) if amap.ndim > 2 else thr[0])
+    if isinstance(flat, torch.Tensor):
+        thr = (rel * flat.max(1).values).clamp(min=floor)
+    else:
+        thr = np.maximum(rel * flat.max(1), floor)
+    if amap.ndim == 2:
+        return amap >= thr[0]
+    return amap >= thr.reshape((-1,) + (1,) * (amap.ndim - 1))
 
 
 def calibrate_threshold(healthy_maps, quantile: float = 0.99, region=None) -> float:
-    """Pixel threshold = ``quantile`` of anomaly-map values of held-out healthy images (inside ``region``)."""
+    """Pixel threshold = ``quantile`` of the anomaly-map values of held-out healthy images.
+
+    ``region`` (same shape as ``healthy_maps``, e.g. dilated lung masks): only pixels with ``region > 0``
+    count. With ``quantile = q`` about ``1 - q`` of the healthy pixels lie at or above the threshold.
+    """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if isinstance(healthy_maps, torch.Tensor):
+        healthy_maps = healthy_maps.detach().cpu().numpy()
     a = np.asarray(healthy_maps, np.float32)
-    vals = a[np.asarray(region, bool)] if region is not None else a.ravel()
+    if region is not None:
+        if isinstance(region, torch.Tensor):
+            region = region.detach().cpu().numpy()
+        region = np.asarray(region)
+        if region.shape != a.shape:
+            raise ValueError(f"region shape {region.shape} differs from the maps' shape {a.shape}")
+        vals = a[region > 0]
+    else:
+        vals = a.ravel()
     if vals.size == 0:
         raise ValueError("no pixels to calibrate on (empty maps or region)")
     return float(np.quantile(vals, quantile))
 
 
 def threshold_mask(amap, thr: float, region=None):
-    """``A >= thr``, optionally only inside ``region``."""
+    """``A >= thr`` (boolean), optionally only inside ``region > 0``."""
     m = amap >= thr
-    return m if region is None else m & (region > 0)
+    if region is None:
+        return m
+    if isinstance(m, torch.Tensor):
+        return m & (torch.as_tensor(region, device=m.device) > 0)
+    if isinstance(region, torch.Tensor):
+        region = region.detach().cpu().numpy()
+    return m & (np.asarray(region) > 0)
+
+
+def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, float).ravel()
+    labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores for {labels.size} labels")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    if not set(np.unique(labels).tolist()) <= {0, 1}:
+        raise ValueError(f"labels must be 0 (healthy) or 1 (diseased), got {np.unique(labels).tolist()}")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("AUROC/AP need both healthy (0) and diseased (1) images; only one class is present")
+    return scores, labels.astype(int)
 
 
 def image_auroc_ap(scores, labels) -> tuple[float, float]:
-    """Image-level AUROC and average precision (scikit-learn), labels 1 = diseased."""
+    """Image-level ``(AUROC, average precision)`` (scikit-learn), labels 1 = diseased, higher score = more anomalous."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    scores, labels = np.asarray(scores, float).ravel(), np.asarray(labels).ravel()
-    if scores.shape != labels.shape:
-        raise ValueError(f"{scores.size} scores for {labels.size} labels")
-    if len(np.unique(labels)) < 2:
-        raise ValueError("AUROC/AP need both healthy (0) and diseased (1) images")
+    scores, labels = _scores_labels(scores, labels)
     return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
 
 
+def roc_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` of the ROC curve, for plotting."""
+    from sklearn.metrics import roc_curve
+
+    scores, labels = _scores_labels(scores, labels)
+    fpr, tpr, thr = roc_curve(labels, scores)
+    return fpr, tpr, thr
+
+
+def pr_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(recall, precision, thresholds)`` of the precision-recall curve, for plotting."""
+    from sklearn.metrics import precision_recall_curve
+
+    scores, labels = _scores_labels(scores, labels)
+    prec, rec, thr = precision_recall_curve(labels, scores)
+    return rec, prec, thr
+
+
 def dice_micro(preds, gts) -> float:
-    """Pixel Dice over all pixels of the set: ``2 |P & G| / (|P| + |G|)``; 1.0 when both are empty."""
-    p, g = np.asarray(preds, bool), np.asarray(gts, bool)
-    denom = p.sum() + g.sum()
+    """Pixel Dice over all pixels of the set (the paper's Eq. 10 on the whole test set):
+    ``2 |P & G| / (|P| + |G|)`` summed over every image; 1.0 when both are empty everywhere."""
+    p, g = _np_bool(preds), _np_bool(gts)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from ground-truth shape {g.shape}")
+    denom = int(p.sum()) + int(g.sum())
     return 1.0 if denom == 0 else float(2.0 * (p & g).sum() / denom)
 
 
 def dice_per_image(preds, gts) -> float:
-    """Mean Dice over images with a non-empty ground truth (an empty prediction scores 0)."""
-    p, g = _per_image(np.asarray(preds, bool)), _per_image(np.asarray(gts, bool))
+    """Mean Dice over the images with a non-empty ground truth (stack ``(N, ...)`` or one ``(H, W)`` image).
+
+    An empty prediction on such an image scores 0. Images with an empty ground truth are left out (their
+    Dice is undefined: see :func:`dice_score`); ValueError when none is left.
+    """
+    p, g = _per_image(_np_bool(preds)), _per_image(_np_bool(gts))
+    if p.shape != g.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from ground-truth shape {g.shape}")
     keep = g.any(1)
     if not keep.any():
         raise ValueError("no image has a non-empty ground-truth mask")
     p, g = p[keep], g[keep]
     return float(np.mean(2.0 * (p & g).sum(1) / (p.sum(1) + g.sum(1))))
+
+
+def dice_score(pred, gt, empty: float = 1.0) -> float:
+    """Dice of one image (all pixels of ``pred`` / ``gt``); ``empty`` when both masks are empty."""
+    return dice_micro(pred, gt) if (_np_bool(pred).any() or _np_bool(gt).any()) else float(empty)
+
+
+# -- ignite metric for validation on synthetic anomalies ------------------------------------------------------
+
+
+def _as_items(x) -> list[torch.Tensor]:
+    """A batch ``(B, ...)`` tensor or a list of per-item tensors -> list of per-item tensors."""
+    if isinstance(x, (list, tuple)):
+        return [torch.as_tensor(i) for i in x]
+    x = torch.as_tensor(x)
+    return list(x) if x.ndim > 2 else [x]
+
+
+class SyntheticDiceMetric(Metric):
+    """Dice of the predicted anomaly mask vs the synthetic mask, for a MONAI ``SupervisedEvaluator``.
+
+    ``output_transform`` must return ``(pred_masks, target_masks)``: each a list of per-item tensors
+    ``(1, H, W)`` (what ``monai.handlers.from_engine(["pred_mask", "target_mask"])`` gives on the decollated
+    evaluator output, the default here) or a batched ``(B, 1, H, W)`` tensor. Values > 0.5 are foreground.
+    ``custom_transforms.anomaly.AnomalyPostd(..., mask_key="mask")`` writes both keys.
+
+    reduction:
+        ``"micro"`` (default): Dice over all pixels of all validation items, clean copies included (false
+        positives on clean images lower it), like the paper's test-set Dice;
+        ``"mean"``: mean per-item Dice over the items whose target is non-empty (empty prediction = 0).
+    Higher is better; sums are all-reduced across processes under DDP.
+    """
+
+    def __init__(self, reduction: str = "micro", output_transform=None, device=torch.device("cpu")):
+        if reduction not in ("micro", "mean"):
+            raise ValueError(f"reduction must be 'micro' or 'mean', got {reduction!r}")
+        self.reduction = reduction
+        if output_transform is None:
+            from monai.handlers import from_engine
+
+            output_transform = from_engine(["pred_mask", "target_mask"])
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._inter = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._total = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._dice_sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._n_items = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._n_seen = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output) -> None:
+        preds, targets = output
+        preds, targets = _as_items(preds), _as_items(targets)
+        if len(preds) != len(targets):
+            raise ValueError(f"{len(preds)} predicted masks for {len(targets)} target masks")
+        for p, t in zip(preds, targets):
+            if p.shape != t.shape:
+                raise ValueError(f"pred mask shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}")
+            p = (p.detach() > 0.5).flatten()
+            t = (t.detach() > 0.5).flatten()
+            inter = float((p & t).sum())
+            total = float(p.sum() + t.sum())
+            self._inter += inter
+            self._total += total
+            self._n_seen += 1.0
+            if t.any():
+                self._dice_sum += 2.0 * inter / total
+                self._n_items += 1.0
+
+    @sync_all_reduce("_inter", "_total", "_dice_sum", "_n_items", "_n_seen")
+    def compute(self) -> float:
+        if self._n_seen.item() == 0:
+            raise NotComputableError("SyntheticDiceMetric must see at least one item before compute()")
+        if self.reduction == "mean":
+            if self._n_items.item() == 0:
+                raise NotComputableError("SyntheticDiceMetric(mean): no item with a non-empty target mask")
+            return float(self._dice_sum.item() / self._n_items.item())
+        if self._total.item() == 0:
+            return 1.0  # nothing predicted and nothing to find
+        return float(2.0 * self._inter.item() / self._total.item())

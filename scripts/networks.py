@@ -1,14 +1,37 @@
-"""The restoration network: MONAI's ``UNet`` with its bottleneck exposed for the feature-alignment loss."""
+"""The restoration network: MONAI's ``UNet`` with its bottleneck exposed for the feature-alignment loss.
+
+:class:`FeatureUNet` subclasses :class:`monai.networks.nets.UNet` without touching its construction or
+``forward``: the same arguments build the same modules with the same ``state_dict`` keys, so a plain UNet
+checkpoint loads into it (and back), MONAI inferers, ``verify_net_in_out`` and TorchScript export
+(``torch.jit.script`` and ``torch.jit.trace``, i.e. ``ckpt_export`` with or without ``use_trace``) see a
+plain UNet. The bottleneck features ``f_enc`` are read with a forward hook on :attr:`FeatureUNet.bottleneck`.
+
+Output activation: none (MONAI's UNet ends in a bare convolution). The target ``I_norm`` lies in [0, 1]
+and every reconstruction term is an MSE, which already pulls the output into that range; a sigmoid
+would saturate near the dark background (0) and bright bone (1), where its gradient vanishes, and would
+make the identity mapping (most of the image) harder to learn. Anomaly maps clamp the reconstruction to
+[0, 1] at inference (``custom_transforms.anomaly.AnomalyPostd``), so scores never see values outside it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
 
+__all__ = ["FeatureUNet", "find_bottleneck", "make_network"]
 
-def find_bottleneck(unet: UNet) -> torch.nn.Module:
-    """The innermost ``SkipConnection``'s submodule of a MONAI UNet: the bottom (bottleneck) block."""
+DEFAULT_CHANNELS = (32, 64, 128, 256, 512)
+DEFAULT_STRIDES = (2, 2, 2, 2)
+
+
+def find_bottleneck(unet: torch.nn.Module) -> torch.nn.Module:
+    """The innermost ``SkipConnection``'s submodule of a MONAI UNet: the bottom (bottleneck) block.
+
+    Its output has ``channels[-1]`` channels at ``1 / prod(strides)`` of the input size.
+    """
     inner = None
     for m in unet.modules():
         if isinstance(m, SkipConnection):
@@ -19,13 +42,15 @@ def find_bottleneck(unet: UNet) -> torch.nn.Module:
 
 
 class FeatureUNet(UNet):
-    """MONAI ``UNet`` (same arguments, same ``forward``) whose bottleneck block is ``self.bottleneck``.
+    """MONAI ``UNet`` (same arguments, same ``forward``) that also exposes its bottleneck features.
 
-    ``forward(x)`` returns the reconstruction only, so MONAI inferers, ``verify_net_in_out`` and
-    TorchScript export work unchanged; the ART-ASyn feature loss reads the bottleneck output ``f_enc``
-    with a forward hook (``scripts.engine.forward_with_features``), which also works under DDP.
-    No output activation: the target lies in [0, 1] and the MSE terms keep the output there; anomaly
-    maps clamp the reconstruction to [0, 1].
+    - ``forward(x)`` returns the reconstruction only (inferers, ``verify_net_in_out``, TorchScript);
+    - ``forward_with_features(x) -> (y, f)``: the reconstruction and the bottleneck output ``f_enc(x)``,
+      shape ``(B, channels[-1], H / prod(strides), W / prod(strides))``;
+    - ``bottleneck``: the bottleneck module, for a forward hook when the network is wrapped
+      (DDP: hook ``unwrap(net).bottleneck`` and call the wrapper, see ``scripts.engine``).
+
+    No output activation (see the module docstring): clamp to [0, 1] at inference.
     """
 
     __jit_unused_properties__ = ["bottleneck"]
@@ -33,3 +58,22 @@ class FeatureUNet(UNet):
     @property
     def bottleneck(self) -> torch.nn.Module:
         return find_bottleneck(self)
+
+    @torch.jit.unused
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x), bottleneck output)``; gradients flow through both (eager mode only)."""
+        store: list[torch.Tensor] = []
+        handle = self.bottleneck.register_forward_hook(lambda _m, _i, out: store.append(out))
+        try:
+            y = self(x)
+        finally:
+            handle.remove()
+        return y, store[-1]
+
+
+def make_network(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1,
+                 channels: Sequence[int] = DEFAULT_CHANNELS, strides: Sequence[int] = DEFAULT_STRIDES,
+                 num_res_units: int = 2, **kwargs) -> FeatureUNet:
+    """The default ART-ASyn restoration U-Net (256 px input -> 16 x 16 x 512 bottleneck)."""
+    return FeatureUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                       channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units, **kwargs)
