@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.transforms import MapTransform
 

@@ -15,6 +15,7 @@ Then the image is resized to ``size x size`` with area interpolation (the paper 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -278,6 +279,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON atomically (values JSON cannot hold are written as ``str``)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def save_png(path, img: np.ndarray) -> None:

@@ -38,13 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from custom_transforms.io import save_png, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -438,34 +438,6 @@ def phantom_name(split: str, index: int) -> str:
     return f"{PREFIX}{SPLITS[split][1] * NAME_OFFSET + index + 1:05d}.png"
 
 
-def _write_png_atomic(path: Path, array: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:  # pragma: no cover
-        raise OSError(f"could not encode {path}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _expected_manifest(n_train: int, n_test_healthy: int, n_test_diseased: int, size: int, seed: int) -> dict:
     return {
         "generator": "scripts.demo_data",
@@ -546,9 +518,9 @@ def generate_demo_dataset(root, n_train: int = 48, n_test_healthy: int = 12, n_t
             image, lesion, _ = make_phantom(rng, size=size, lesions=n_les)
             name = phantom_name(split, i)
             wanted.add(name)
-            _write_png_atomic(out_dir / name, image)
+            save_png(out_dir / name, image)
             if diseased:
-                _write_png_atomic(gt_dir / name, lesion)
+                save_png(gt_dir / name, lesion)
             done += 1
             if done % 25 == 0 or done == total:
                 logger.info("  %d/%d phantoms written", done, total)
@@ -560,7 +532,7 @@ def generate_demo_dataset(root, n_train: int = 48, n_test_healthy: int = 12, n_t
                     logger.info("  removed stale %s", p)
     elapsed = time.perf_counter() - t0
     manifest = {**expected, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json_atomic(root / MANIFEST, manifest)
+    write_json(root / MANIFEST, manifest)
     logger.info("demo dataset complete: %s (%.1f s)", root, elapsed)
     return {**summary, "generated": True, "seconds": round(elapsed, 3)}
 

@@ -29,18 +29,10 @@ from ignite.engine import Engine, Events
 from custom_transforms.anomaly import dilate_region
 from scripts.engine import prepare_restoration_batch
 from scripts.handlers import write_json
-from scripts.metrics import anomaly_map, calibrate_threshold, dice_micro, dice_per_image, image_auroc_ap
+from scripts.metrics import (anomaly_map, as_2d, calibrate_threshold, dice_micro, dice_per_image, image_auroc_ap,
+                             to_numpy)
 
 logger = logging.getLogger(__name__)
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _2d(x) -> np.ndarray:
-    a = _np(x)
-    return a.reshape(a.shape[-2:])
 
 
 def _name(item: dict) -> str:
@@ -92,9 +84,9 @@ class AnomalyEvaluationHandler:
         with torch.no_grad():
             for batch in self.cal_loader:
                 x, _ = prepare(batch, device)
-                maps.append(_np(anomaly_map(x, self.network(x).clamp(0, 1))))
+                maps.append(to_numpy(anomaly_map(x, self.network(x).clamp(0, 1))))
                 if self.region_key is not None:
-                    regions.append(_np(dilate_region(torch.as_tensor(batch[self.region_key]), self.region_dilation)))
+                    regions.append(to_numpy(dilate_region(torch.as_tensor(batch[self.region_key]), self.region_dilation)))
         if not maps:
             raise ValueError("calibration loader yielded no images")
         return float(calibrate_threshold(np.concatenate(maps), self.quantile,
@@ -109,15 +101,15 @@ class AnomalyEvaluationHandler:
         batch = engine.state.batch
         for b, o in zip(batch if isinstance(batch, list) else decollate_batch(batch), out):
             item = {**o, **b}  # the batch wins: an evaluator output "label" is the restoration target
-            has_gt = bool(int(_np(item.get("has_gt_mask", 0)).reshape(-1)[0])) and "gt_mask" in item
+            has_gt = bool(int(to_numpy(item.get("has_gt_mask", 0)).reshape(-1)[0])) and "gt_mask" in item
             self.results.append({
                 "name": _name(item),
-                "label": int(_np(item["label"]).reshape(-1)[0]),
-                "score": float(_np(item["score"]).reshape(-1)[0]),
-                "pred_mask": _2d(item["pred_mask"]) > 0.5,
-                "gt_mask": _2d(item["gt_mask"]) > 0.5 if has_gt else None,
-                "image": _2d(item["image"]).astype(np.float16),
-                "amap": _2d(item["amap"]).astype(np.float16),
+                "label": int(to_numpy(item["label"]).reshape(-1)[0]),
+                "score": float(to_numpy(item["score"]).reshape(-1)[0]),
+                "pred_mask": as_2d(item["pred_mask"]) > 0.5,
+                "gt_mask": as_2d(item["gt_mask"]) > 0.5 if has_gt else None,
+                "image": as_2d(item["image"]).astype(np.float16),
+                "amap": as_2d(item["amap"]).astype(np.float16),
             })
 
     def completed(self, engine: Engine) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from custom_transforms.io import atomic_write_bytes, save_png
+from custom_transforms.io import save_png, write_json
 from scripts.engine import prepare_restoration_batch
 
 logger = logging.getLogger(__name__)
@@ -91,11 +90,6 @@ class SampleGridHandler:
                     break
         if rows:
             save_png(self.path, np.concatenate(rows, axis=0))
-
-
-def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 class ParamsSnapshot:

@@ -22,19 +22,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 
-from custom_transforms.io import atomic_write_bytes, save_png
-from scripts.handlers import write_json
+from custom_transforms.io import atomic_write_bytes, save_png, write_json
+from scripts.metrics import as_2d, to_numpy
 from scripts.preview import draw_contours, to_rgb
 
 logger = logging.getLogger(__name__)
-
-
-def _2d(x) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return a.reshape(a.shape[-2:]).astype(np.float32)
 
 
 def save_nifti(path, arr2d: np.ndarray) -> None:
@@ -83,7 +77,7 @@ class InferenceWriter:
                 if stem.lower().endswith(suffix):
                     stem = stem[: -len(suffix)]
                     break
-            img, amap, mask = _2d(item["image"]), _2d(item["amap"]), _2d(item["pred_mask"])
+            img, amap, mask = (as_2d(item[k]).astype(np.float32) for k in ("image", "amap", "pred_mask"))
             save_png(self.output_dir / f"{stem}_overlay.png", overlay(img, amap, mask))
             if self.maps == "nifti":
                 save_nifti(self.output_dir / f"{stem}_amap.nii.gz", amap)
@@ -91,7 +85,7 @@ class InferenceWriter:
             else:
                 save_png(self.output_dir / f"{stem}_amap.png", np.clip(amap, 0, 1))
                 save_png(self.output_dir / f"{stem}_mask.png", mask)
-            score = float(_2d(item["score"]).reshape(-1)[0]) if np.ndim(item["score"]) else float(item["score"])
+            score = float(to_numpy(item["score"]).reshape(-1)[0]) if np.ndim(item["score"]) else float(item["score"])
             row = {"file": src, "score": score, "mask_fraction": float(mask.mean())}
             if self.score_threshold is not None:
                 row["flagged"] = int(score > self.score_threshold)

@@ -16,11 +16,22 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-__all__ = ["anomaly_map", "image_score", "paper_mask", "calibrate_threshold", "threshold_mask", "image_auroc_ap",
+__all__ = ["to_numpy", "as_2d", "anomaly_map", "image_score", "paper_mask", "calibrate_threshold", "threshold_mask", "image_auroc_ap",
            "roc_curve_points", "pr_curve_points", "dice_micro", "dice_per_image", "dice_score",
            "SyntheticDiceMetric"]
 
 SCORE_KINDS = ("mse", "mean_abs", "topk_mean")
+
+
+def to_numpy(x) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def as_2d(x) -> np.ndarray:
+    """One image (``(H, W)``, ``(1, H, W)``, ``(1, 1, H, W)``; tensor or array) as a numpy ``(H, W)`` array."""
+    a = to_numpy(x)
+    return a.reshape(a.shape[-2:])
 
 
 def _per_image(x):

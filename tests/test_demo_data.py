@@ -225,7 +225,7 @@ def test_atomic_writes_leave_no_temp_files(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(dd.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         dd.generate_demo_dataset(tmp_path / "broken", **SMALL)
     monkeypatch.undo()
