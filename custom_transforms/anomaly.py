@@ -12,7 +12,7 @@ from typing import Hashable, Mapping
 import torch
 from monai.transforms import MapTransform
 
-from scripts.metrics import anomaly_map, image_score, paper_mask, threshold_mask
+from scripts.metrics import SCORE_KINDS, anomaly_map, image_score, paper_mask, threshold_mask
 
 
 def dilate_region(lung: torch.Tensor, radius: int) -> torch.Tensor:
@@ -24,6 +24,16 @@ def dilate_region(lung: torch.Tensor, radius: int) -> torch.Tensor:
     r = r.reshape(-1, 1, *shape[-2:])
     r = torch.nn.functional.max_pool2d(r, 2 * radius + 1, stride=1, padding=radius)
     return r.reshape(shape)
+
+
+MASK_REGIONS = (None, "lung")
+
+
+def region_key(mask_region: str | None) -> str | None:
+    """The data key of a mask region name (``mask_region`` in the configs): None (whole image) or ``"lung"``."""
+    if mask_region not in MASK_REGIONS:
+        raise ValueError(f"mask_region must be one of {MASK_REGIONS}, got {mask_region!r}")
+    return mask_region
 
 
 class AnomalyPostd(MapTransform):
@@ -45,6 +55,8 @@ class AnomalyPostd(MapTransform):
                  region_key: str | None = None, region_dilation: int = 0, mask_key: str | None = None,
                  allow_missing_keys: bool = False):
         super().__init__([input_key, pred_key], allow_missing_keys)
+        if score not in SCORE_KINDS:
+            raise ValueError(f"score kind (score_kind) must be one of {SCORE_KINDS}, got {score!r}")
         if not (0.0 <= floor and 0.0 <= rel <= 1.0):
             raise ValueError(f"need floor >= 0 and 0 <= rel <= 1, got floor={floor}, rel={rel}")
         self.input_key, self.pred_key, self.score = input_key, pred_key, score
@@ -68,9 +80,10 @@ class AnomalyPostd(MapTransform):
             mask = threshold_mask(amap, self.threshold, region=region)
         d["amap"] = amap
         d["pred_mask"] = torch.as_tensor(mask).float()
-        d["score"] = torch.as_tensor(image_score(img, pred, kind=self.score), dtype=torch.float32).reshape(1)
+        d["score"] = torch.as_tensor(image_score(img, pred, kind=self.score), dtype=torch.float32).reshape(-1)
         if self.mask_key is not None:
             target = torch.as_tensor(d[self.mask_key]).float()
             d["target_mask"] = target
-            d["is_synthetic"] = torch.tensor([float(target.sum() > 0)])
+            flat = target.reshape(target.shape[0], -1) if target.ndim == 4 else target.reshape(1, -1)
+            d["is_synthetic"] = (flat.sum(1) > 0).float()  # one flag per image (item: shape (1,))
         return d

@@ -567,6 +567,8 @@ class ARTASynd(MapTransform, RandomizableTransform):
         params: ARTASynParams | None = None,
         **kwargs,
     ):
+        if not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"ARTASynd prob (synthesis_prob) must be in [0, 1], got {prob!r}")
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
         if len(self.keys) != 1:

@@ -169,11 +169,14 @@ def resize(img: np.ndarray, size: int | Sequence[int], nearest: bool = False) ->
 
 def check_size(size) -> int | tuple[int, int]:
     """Validate an image size: an int >= 8 or a (height, width) pair of such ints."""
-    ok = (np.isscalar(size) and int(size) == size and size >= 8) or (
-        not np.isscalar(size) and len(size) == 2 and all(int(s) == s and s >= 8 for s in size))
+    def is_px(s) -> bool:
+        return isinstance(s, (int, np.integer, float, np.floating)) and not isinstance(s, bool) \
+            and float(s).is_integer() and s >= 8
+
+    ok = is_px(size) or (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_px, size)))
     if not ok:
         raise ValueError(f"image size must be an int >= 8 or a (height, width) pair, got {size!r}")
-    return int(size) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    return int(size) if is_px(size) else (int(size[0]), int(size[1]))
 
 
 def load_cxr(path, size: int | Sequence[int] | None = 256) -> np.ndarray:

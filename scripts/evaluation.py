@@ -229,7 +229,13 @@ class AnomalyEvaluationHandler:
 
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment_name)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:  # like MONAI's MLFlowHandler: a local SQLite store keeps artifacts in <db folder>/mlruns, not in cwd
+            location = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                location = (Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+            exp_id = client.create_experiment(self.experiment_name, artifact_location=location)
         run = client.create_run(exp_id, run_name=self.run_name or f"eval_{time.strftime('%Y%m%d-%H%M%S')}",
                                 tags={"stage": "evaluate"})
         rid = run.info.run_id

@@ -52,6 +52,13 @@ class ResumableCheckpoint:
         if self.save:
             CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=state, file_prefix=self.prefix,
                             save_interval=self.save_interval, n_saved=1, epoch_level=True).attach(engine)
+            if path is not None:  # n_saved=1 only tracks this run's files: drop the one resumed from once superseded
+                def drop_resumed(_engine) -> None:
+                    if path.exists() and latest_checkpoint(self.ckpt_dir, self.prefix) != path:
+                        path.unlink()
+                        engine.remove_event_handler(drop_resumed, Events.EPOCH_COMPLETED)
+
+                engine.add_event_handler(Events.EPOCH_COMPLETED, drop_resumed)
 
 
 def _panel(x: torch.Tensor) -> np.ndarray:

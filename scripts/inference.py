@@ -68,10 +68,18 @@ class InferenceWriter:
         engine.add_event_handler(Events.COMPLETED, self.write_scores)
 
     def write_items(self, engine: Engine) -> None:
+        from monai.data import decollate_batch
+
         out = engine.state.output
+        out = out if isinstance(out, list) else decollate_batch(out)
+        batch = engine.state.batch
+        batch = batch if isinstance(batch, list) else decollate_batch(batch)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for item in out if isinstance(out, list) else [out]:
-            src = str(getattr(item["image"], "meta", {}).get("filename_or_obj", f"image_{len(self.rows):05d}"))
+        for b, item in zip(batch, out):
+            # the output's "image" is the bare network input (prepare_batch drops the metadata):
+            # the file name is on the batch's MetaTensor
+            meta = getattr(b.get("image"), "meta", None) or {}
+            src = str(meta.get("filename_or_obj") or f"image_{len(self.rows):05d}")
             stem = Path(src).name
             for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"):
                 if stem.lower().endswith(suffix):
