@@ -666,3 +666,21 @@ def test_preview_cli_writes_png(tmp_path, demo_dir, capsys):
 
     assert main(["--input", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_figure_anomaly_maps_compares_models(trained, demo_dir, tmp_path):
+    """The results figure: one header row, one row per boxed diseased image, image + one panel per model."""
+    from scripts import figure_anomaly_maps as fig
+
+    out = tmp_path / "maps.png"
+    assert fig.main(["--dataset_dir", str(demo_dir), "--config", TRAIN[0], "--config", TINY,
+                     "--model", f"A={trained.root}", "--model", f"B={trained.root}", "--n", "2",
+                     "--out", str(out)]) == 0
+    grid = read_png(out)
+    assert grid.shape == (18 + 2 * 64, 3 * 64, 3)
+    # both columns come from the same model: identical panels
+    body = grid[18:]
+    np.testing.assert_array_equal(body[:, 64:128], body[:, 128:192])
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        fig.main(["--dataset_dir", str(demo_dir), "--config", TRAIN[0], "--config", TINY,
+                  "--model", f"A={tmp_path / 'nothing'}", "--out", str(tmp_path / "x.png")])
