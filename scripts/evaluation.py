@@ -29,8 +29,8 @@ from ignite.engine import Engine, Events
 from custom_transforms.anomaly import dilate_region
 from scripts.engine import prepare_restoration_batch
 from scripts.handlers import write_json
-from scripts.metrics import (anomaly_map, as_2d, calibrate_threshold, dice_micro, dice_per_image, image_auroc_ap,
-                             to_numpy)
+from scripts.metrics import (anomaly_map, as_2d, calibrate_threshold, dice_micro, dice_per_image, dice_score,
+                             image_auroc_ap, to_numpy)
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,10 @@ class AnomalyEvaluationHandler:
         else:
             m["auroc"] = m["ap"] = None
             logger.warning("test set holds one class only: AUROC/AP not defined")
-        with_gt = [r for r in self.results if r["gt_mask"] is not None]
+        with_gt = [r for r in self.results if r["gt_mask"] is not None and r["gt_mask"].any()]
+        empty = sum(r["gt_mask"] is not None and not r["gt_mask"].any() for r in self.results)
+        if empty:
+            logger.warning("%d ground-truth mask(s) are empty: left out of the Dice figures", empty)
         m["n_with_mask"] = len(with_gt)
         if with_gt:
             preds = np.stack([r["pred_mask"] for r in with_gt])
@@ -156,7 +159,7 @@ class AnomalyEvaluationHandler:
             row = {"name": r["name"], "label": r["label"], "score": r["score"],
                    "mask_fraction": float(r["pred_mask"].mean())}
             if r["gt_mask"] is not None:
-                row["dice"] = float(dice_per_image(r["pred_mask"][None], r["gt_mask"][None]))
+                row["dice"] = dice_score(r["pred_mask"], r["gt_mask"])
             rows.append(row)
         return rows
 
@@ -194,7 +197,7 @@ class AnomalyEvaluationHandler:
         """Best and worst cases: by Dice when masks exist, else the top-scored healthy / lowest diseased."""
         from scripts.preview import draw_contours, to_rgb
 
-        with_gt = [r for r in self.results if r["gt_mask"] is not None]
+        with_gt = [r for r in self.results if r["gt_mask"] is not None and r["gt_mask"].any()]
         if with_gt:
             d = [float(dice_per_image(r["pred_mask"][None], r["gt_mask"][None])) for r in with_gt]
             order = np.argsort(d)

@@ -204,6 +204,16 @@ def test_handler_compute_by_hand():
     assert "dice" not in rows["h1"] and rows["h1"]["mask_fraction"] == 0.25
 
 
+def test_handler_empty_ground_truth_mask_left_out_of_dice(tmp_path):
+    h = AnomalyEvaluationHandler(tmp_path / "eval")
+    h.results = hand_results() + [_result("d3", 1, 0.9, [[1, 0], [0, 0]], gt=[[0, 0], [0, 0]])]
+    m = h.compute()
+    assert m["n_with_mask"] == 2 and m["dice_mean"] == pytest.approx((1.0 + 0.4) / 2)
+    h.metrics = m
+    assert {r["name"]: r for r in h.per_image_rows()}["d3"]["dice"] == 0.0  # a mask where there is no lesion
+    assert h.case_grid()  # the grid leaves the empty mask out instead of failing
+
+
 def test_handler_one_class_and_no_masks():
     h = AnomalyEvaluationHandler("unused")
     h.results = [r for r in hand_results() if r["label"] == 1]
