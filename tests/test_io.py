@@ -3,14 +3,12 @@
 import cv2
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from custom_transforms.io import CXRReadError, LoadCXRd, load_cxr, load_mask, read_cxr, save_png
+from tests.helpers import write_dicom
 
 
 def asymmetric(h=64, w=48):
@@ -18,25 +16,6 @@ def asymmetric(h=64, w=48):
     a = np.tile(np.linspace(40, 160, w, dtype=np.float32), (h, 1))
     a[: h // 4, : w // 3] = 250
     return a.astype(np.uint8)
-
-
-def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
 
 
 def test_png_8bit_orientation_and_scale(tmp_path):

@@ -165,8 +165,7 @@ def trained(tmp_path_factory, demo_dir):
 @pytest.fixture(scope="module")
 def inference_inputs(tmp_path_factory):
     """The same phantom as PNG, DICOM (16-bit, rescale slope/intercept) and NIfTI: identical after loading."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from tests.helpers import write_dicom
 
     from scripts.demo_data import make_phantom
 
@@ -176,20 +175,8 @@ def inference_inputs(tmp_path_factory):
     assert img.min() == 0 and img.max() == 255  # full range: PNG /255 and DICOM/NIfTI min-max agree
     cv2.imwrite(str(folder / "cxr_png.png"), img)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = img.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024
-    ds.PixelData = (img.astype(np.uint16) * 16 + 7).tobytes()  # 12-bit stored values
-    ds.save_as(str(folder / "cxr_dcm.dcm"), enforce_file_format=True)
+    # 12-bit stored values with a rescale: the modality LUT must not change the normalised picture
+    write_dicom(folder / "cxr_dcm.dcm", img.astype(np.uint16) * 16 + 7, slope=0.5, intercept=-1024)
 
     # NIfTI stores (x, y): the transpose of the (row, column) image
     nifti = nib.Nifti1Image(np.ascontiguousarray(img.T.astype(np.int16)), np.eye(4))
