@@ -7,7 +7,8 @@
 - ``<stem>_amap.nii.gz`` and ``<stem>_mask.nii.gz`` (``maps="nifti"``) or ``<stem>_amap.png`` and
   ``<stem>_mask.png`` (``maps="png"``): the anomaly map ``|I - I_hat|`` and the binary mask, at the model's
   input size, stored as ``(x, y)`` like MONAI/ITK 2-D NIfTI (they open in the PNG's orientation);
-- ``scores.csv`` and ``scores.json`` at the end: file, score, mask fraction, flagged (score > threshold).
+- ``scores.csv`` and ``scores.json`` at the end: file, output stem, score, mask fraction, flagged (score >
+  threshold). Inputs that share a stem (``a.png``, ``a.dcm``) get distinct stems (``a``, ``a_dcm``).
 
 All files are written atomically (temporary name, then rename).
 """
@@ -24,7 +25,7 @@ import cv2
 import numpy as np
 from ignite.engine import Engine, Events
 
-from custom_transforms.io import atomic_write_bytes, save_png, write_json
+from custom_transforms.io import IMAGE_SUFFIXES, atomic_write_bytes, save_png, write_json
 from scripts.metrics import as_2d, to_numpy
 from scripts.preview import draw_contours, to_rgb
 
@@ -53,6 +54,26 @@ def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, gain: float =
     return draw_contours(out, mask > 0.5, (255, 220, 0))
 
 
+def output_stem(src: str, taken: set[str]) -> str:
+    """The output name of input ``src``: its file name without the image suffix, unique within ``taken``.
+
+    ``a.png`` -> ``a``; a second ``a.dcm`` in the same run -> ``a_dcm`` (then ``a_dcm_2``, ...), so inputs
+    that share a stem never overwrite each other's outputs. The chosen stem is added to ``taken``.
+    """
+    name = Path(src).name
+    ext = next((x for x in IMAGE_SUFFIXES if name.lower().endswith(x)), "")
+    stem = name[: len(name) - len(ext)] if ext else name
+    candidate = stem
+    if candidate in taken:
+        candidate = f"{stem}_{ext.lstrip('.').replace('.', '_')}" if ext else f"{stem}_2"
+        n = 2
+        while candidate in taken:
+            n += 1
+            candidate = f"{stem}_{ext.lstrip('.').replace('.', '_')}_{n}" if ext else f"{stem}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
 class InferenceWriter:
     """Write heatmaps, masks, overlays and scores of every image the evaluator sees."""
 
@@ -61,9 +82,10 @@ class InferenceWriter:
             raise ValueError(f"maps must be 'nifti' or 'png', got {maps!r}")
         self.output_dir, self.maps, self.score_threshold = Path(output_dir), maps, score_threshold
         self.rows: list[dict] = []
+        self._stems: set[str] = set()
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, lambda _: (self.rows.clear(), self._stems.clear()))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_items)
         engine.add_event_handler(Events.COMPLETED, self.write_scores)
 
@@ -80,11 +102,7 @@ class InferenceWriter:
             # the file name is on the batch's MetaTensor
             meta = getattr(b.get("image"), "meta", None) or {}
             src = str(meta.get("filename_or_obj") or f"image_{len(self.rows):05d}")
-            stem = Path(src).name
-            for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"):
-                if stem.lower().endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
+            stem = output_stem(src, self._stems)
             img, amap, mask = (as_2d(item[k]).astype(np.float32) for k in ("image", "amap", "pred_mask"))
             save_png(self.output_dir / f"{stem}_overlay.png", overlay(img, amap, mask))
             if self.maps == "nifti":
@@ -94,7 +112,7 @@ class InferenceWriter:
                 save_png(self.output_dir / f"{stem}_amap.png", np.clip(amap, 0, 1))
                 save_png(self.output_dir / f"{stem}_mask.png", mask)
             score = float(to_numpy(item["score"]).reshape(-1)[0]) if np.ndim(item["score"]) else float(item["score"])
-            row = {"file": src, "score": score, "mask_fraction": float(mask.mean())}
+            row = {"file": src, "output": stem, "score": score, "mask_fraction": float(mask.mean())}
             if self.score_threshold is not None:
                 row["flagged"] = int(score > self.score_threshold)
             self.rows.append(row)

@@ -384,6 +384,21 @@ def test_inference_outputs_named_after_inputs(inference_run):
             assert (out / f"{stem}{suffix}").is_file(), f"{stem}{suffix}"
 
 
+def test_inputs_sharing_a_stem_do_not_overwrite_each_other():
+    from scripts.inference import output_stem
+
+    taken: set[str] = set()
+    stems = [output_stem(p, taken) for p in ["/a/cxr.png", "/b/cxr.dcm", "/c/cxr.png", "x.nii.gz", "/d/x.nii.gz"]]
+    assert stems == ["cxr", "cxr_dcm", "cxr_png", "x", "x_nii_gz"]
+    assert len(set(stems)) == len(stems) and taken == set(stems)
+
+
+def test_inference_rows_name_their_outputs(inference_run):
+    rows = list(csv.DictReader(open(inference_run.out / "scores.csv")))
+    for r in rows:
+        assert (inference_run.out / f"{r['output']}_overlay.png").is_file()
+
+
 # ------------------------------------------------------------------------------------------- 4. resume
 
 def _copy_models(trained, root: Path) -> Path:
