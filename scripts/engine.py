@@ -11,25 +11,7 @@ import torch
 from monai.engines.utils import CommonKeys as Keys
 from monai.utils import convert_to_tensor
 
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers."""
-    while hasattr(network, "module") and isinstance(network, (torch.nn.parallel.DistributedDataParallel,
-                                                               torch.nn.DataParallel)):
-        network = network.module
-    return network
-
-
-def forward_with_features(network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``network(x)`` (through any DDP wrapper, so gradients stay synchronised) and capture the
-    bottleneck features with a forward hook on ``unwrap(network).bottleneck``."""
-    store: list[torch.Tensor] = []
-    handle = unwrap(network).bottleneck.register_forward_hook(lambda _m, _i, out: store.append(out))
-    try:
-        y = network(x)
-    finally:
-        handle.remove()
-    return y, store[-1]
+from scripts.networks import forward_with_features
 
 
 def _to(batch: dict, key: str, device, non_blocking: bool) -> torch.Tensor:

@@ -18,6 +18,7 @@ post-processing transform before the test images run.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -28,9 +29,10 @@ from ignite.engine import Engine, Events
 
 from custom_transforms.anomaly import dilate_region
 from scripts.engine import prepare_restoration_batch
-from scripts.handlers import write_json
+from custom_transforms.io import atomic_write_bytes, save_png, write_json
 from scripts.metrics import (anomaly_map, as_2d, calibrate_threshold, dice_micro, dice_per_image, dice_score,
-                             image_auroc_ap, to_numpy)
+                             image_auroc_ap, pr_curve_points, roc_curve_points, to_numpy)
+from scripts.preview import GT_RGB, MASK_RGB, draw_contours, heat_rgb, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +172,11 @@ class AnomalyEvaluationHandler:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from sklearn.metrics import precision_recall_curve, roc_curve
 
         labels = np.array([r["label"] for r in self.results])
         scores = np.array([r["score"] for r in self.results])
-        fpr, tpr, _ = roc_curve(labels, scores)
-        prec, rec, _ = precision_recall_curve(labels, scores)
+        fpr, tpr, _ = roc_curve_points(scores, labels)
+        rec, prec, _ = pr_curve_points(scores, labels)
         fig, ax = plt.subplots(1, 2, figsize=(8, 4), dpi=80)
         ax[0].plot(fpr, tpr, label=f"AUROC {self.metrics['auroc']:.3f}")
         ax[0].plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -186,22 +187,22 @@ class AnomalyEvaluationHandler:
         for a in ax:
             a.legend(loc="lower right")
         fig.tight_layout()
-        path = self.output_dir / "roc_pr.png"
-        tmp = path.with_name(".roc_pr.tmp.png")
-        fig.savefig(tmp)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
         plt.close(fig)
-        tmp.replace(path)
+        path = self.output_dir / "roc_pr.png"
+        atomic_write_bytes(path, buf.getvalue())
         return [path]
 
     def case_grid(self) -> list[Path]:
-        """Best and worst cases: by Dice when masks exist, else the top-scored healthy / lowest diseased."""
-        from scripts.preview import draw_contours, to_rgb
+        """Best and worst cases: by Dice when masks exist, else the top-scored healthy / lowest diseased.
 
+        Columns: image | anomaly map (scaled to its own maximum) | predicted mask (yellow) and lesion (green).
+        """
         with_gt = [r for r in self.results if r["gt_mask"] is not None and r["gt_mask"].any()]
         if with_gt:
-            d = [float(dice_per_image(r["pred_mask"][None], r["gt_mask"][None])) for r in with_gt]
-            order = np.argsort(d)
-            picks = [with_gt[i] for i in order[::-1][: self.n_cases]] + [with_gt[i] for i in order[: self.n_cases]]
+            ranked = sorted(with_gt, key=lambda r: -dice_score(r["pred_mask"], r["gt_mask"]))
+            picks = ranked[: self.n_cases] + ranked[::-1][: self.n_cases]
         else:
             healthy = sorted((r for r in self.results if r["label"] == 0), key=lambda r: -r["score"])
             diseased = sorted((r for r in self.results if r["label"] == 1), key=lambda r: r["score"])
@@ -211,16 +212,11 @@ class AnomalyEvaluationHandler:
         rows = []
         for r in picks:
             img = to_rgb(r["image"].astype(np.float32))
-            heat = (np.clip(r["amap"].astype(np.float32) / max(float(r["amap"].max()), 1e-6), 0, 1) * 255).astype(np.uint8)
-            import cv2
-
-            heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
-            pred = draw_contours(img, r["pred_mask"], (255, 220, 0))
+            amap = r["amap"].astype(np.float32)
+            pred = draw_contours(img, r["pred_mask"], MASK_RGB)
             if r["gt_mask"] is not None:
-                pred = draw_contours(pred, r["gt_mask"], (0, 255, 0))
-            rows.append(np.concatenate([img, heat, pred], axis=1))
-        from custom_transforms.io import save_png
-
+                pred = draw_contours(pred, r["gt_mask"], GT_RGB)
+            rows.append(np.concatenate([img, heat_rgb(amap / max(float(amap.max()), 1e-6)), pred], axis=1))
         path = self.output_dir / "cases.png"
         save_png(path, np.concatenate(rows, axis=0))
         return [path]
@@ -246,7 +242,7 @@ class AnomalyEvaluationHandler:
             for k, v in self.params.items():
                 client.log_param(rid, k, str(v)[:6000])
             for k, v in self.metrics.items():
-                if isinstance(v, (int, float)) and v is not None:
+                if isinstance(v, (int, float)):
                     client.log_metric(rid, f"test_{k}", float(v))
             for a in artifacts:
                 client.log_artifact(rid, str(a))

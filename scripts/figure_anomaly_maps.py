@@ -29,9 +29,7 @@ if str(REPO) not in sys.path:
 
 from scripts.inference import overlay  # noqa: E402
 from scripts.metrics import as_2d  # noqa: E402
-from scripts.preview import draw_contours, save_grid, to_rgb  # noqa: E402
-
-GT_RGB = (0, 255, 0)
+from scripts.preview import GT_RGB, draw_contours, save_grid, to_rgb  # noqa: E402
 
 
 def load_bundle_parts(configs: list[str], dataset_dir: str, bundle_root: str):

@@ -16,42 +16,34 @@ All files are written atomically (temporary name, then rename).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import logging
-import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 from ignite.engine import Engine, Events
 
 from custom_transforms.io import IMAGE_SUFFIXES, atomic_write_bytes, save_png, write_json
 from scripts.metrics import as_2d, to_numpy
-from scripts.preview import draw_contours, to_rgb
+from scripts.preview import MASK_RGB, draw_contours, heat_rgb, to_rgb
 
 logger = logging.getLogger(__name__)
 
 
 def save_nifti(path, arr2d: np.ndarray) -> None:
-    """Save a 2-D (row, col) array as NIfTI in the (x, y) convention, atomically."""
+    """Save a 2-D (row, col) array as gzipped NIfTI in the (x, y) convention, atomically."""
     import nibabel as nib
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name[:-7]}.tmp{os.getpid()}.nii.gz")
-    try:
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr2d.T), np.eye(4)), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = nib.Nifti1Image(np.ascontiguousarray(arr2d.T), np.eye(4)).to_bytes()
+    atomic_write_bytes(path, gzip.compress(data))
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, gain: float = 4.0) -> np.ndarray:
     """RGB overlay: heatmap of ``gain * amap`` blended where it is non-zero, mask outlined in yellow."""
-    base = to_rgb(image)
-    heat = cv2.applyColorMap((np.clip(gain * amap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     w = np.clip(gain * amap, 0, 1)[..., None] * 0.6
-    out = (base * (1 - w) + heat * w).astype(np.uint8)
-    return draw_contours(out, mask > 0.5, (255, 220, 0))
+    out = (to_rgb(image) * (1 - w) + heat_rgb(gain * amap) * w).astype(np.uint8)
+    return draw_contours(out, mask > 0.5, MASK_RGB)
 
 
 def output_stem(src: str, taken: set[str]) -> str:
@@ -111,7 +103,7 @@ class InferenceWriter:
             else:
                 save_png(self.output_dir / f"{stem}_amap.png", np.clip(amap, 0, 1))
                 save_png(self.output_dir / f"{stem}_mask.png", mask)
-            score = float(to_numpy(item["score"]).reshape(-1)[0]) if np.ndim(item["score"]) else float(item["score"])
+            score = float(to_numpy(item["score"]).reshape(-1)[0])
             row = {"file": src, "output": stem, "score": score, "mask_fraction": float(mask.mean())}
             if self.score_threshold is not None:
                 row["flagged"] = int(score > self.score_threshold)

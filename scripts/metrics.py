@@ -3,22 +3,15 @@
 Array functions accept numpy arrays or torch tensors and return the same kind. Image stacks are
 ``(N, ...)`` with the first axis indexing images (``(N, 1, H, W)``, ``(N, H, W)``); a 2-D array ``(H, W)`` is
 one image. A channel-first single image ``(1, H, W)`` is therefore one image too.
-
-:class:`SyntheticDiceMetric` is an ignite ``Metric`` for a MONAI ``SupervisedEvaluator`` validating on
-synthetic anomalies (predicted mask vs the synthetic mask).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from ignite.exceptions import NotComputableError
-from ignite.metrics import Metric
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-__all__ = ["to_numpy", "as_2d", "anomaly_map", "image_score", "paper_mask", "calibrate_threshold", "threshold_mask", "image_auroc_ap",
-           "roc_curve_points", "pr_curve_points", "dice_micro", "dice_per_image", "dice_score",
-           "SyntheticDiceMetric"]
+__all__ = ["to_numpy", "as_2d", "anomaly_map", "image_score", "paper_mask", "calibrate_threshold", "threshold_mask",
+           "image_auroc_ap", "roc_curve_points", "pr_curve_points", "dice_micro", "dice_per_image", "dice_score"]
 
 SCORE_KINDS = ("mse", "mean_abs", "topk_mean")
 
@@ -197,80 +190,3 @@ def dice_per_image(preds, gts) -> float:
 def dice_score(pred, gt, empty: float = 1.0) -> float:
     """Dice of one image (all pixels of ``pred`` / ``gt``); ``empty`` when both masks are empty."""
     return dice_micro(pred, gt) if (_np_bool(pred).any() or _np_bool(gt).any()) else float(empty)
-
-
-# -- ignite metric for validation on synthetic anomalies ------------------------------------------------------
-
-
-def _as_items(x) -> list[torch.Tensor]:
-    """A batch ``(B, ...)`` tensor or a list of per-item tensors -> list of per-item tensors."""
-    if isinstance(x, (list, tuple)):
-        return [torch.as_tensor(i) for i in x]
-    x = torch.as_tensor(x)
-    return list(x) if x.ndim > 2 else [x]
-
-
-class SyntheticDiceMetric(Metric):
-    """Dice of the predicted anomaly mask vs the synthetic mask, for a MONAI ``SupervisedEvaluator``.
-
-    ``output_transform`` must return ``(pred_masks, target_masks)``: each a list of per-item tensors
-    ``(1, H, W)`` (what ``monai.handlers.from_engine(["pred_mask", "target_mask"])`` gives on the decollated
-    evaluator output, the default here) or a batched ``(B, 1, H, W)`` tensor. Values > 0.5 are foreground.
-    ``custom_transforms.anomaly.AnomalyPostd(..., mask_key="mask")`` writes both keys.
-
-    reduction:
-        ``"micro"`` (default): Dice over all pixels of all validation items, clean copies included (false
-        positives on clean images lower it), like the paper's test-set Dice;
-        ``"mean"``: mean per-item Dice over the items whose target is non-empty (empty prediction = 0).
-    Higher is better; sums are all-reduced across processes under DDP.
-    """
-
-    def __init__(self, reduction: str = "micro", output_transform=None, device=torch.device("cpu")):
-        if reduction not in ("micro", "mean"):
-            raise ValueError(f"reduction must be 'micro' or 'mean', got {reduction!r}")
-        self.reduction = reduction
-        if output_transform is None:
-            from monai.handlers import from_engine
-
-            output_transform = from_engine(["pred_mask", "target_mask"])
-        super().__init__(output_transform=output_transform, device=device)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._inter = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._total = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._dice_sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._n_items = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._n_seen = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-
-    @reinit__is_reduced
-    def update(self, output) -> None:
-        preds, targets = output
-        preds, targets = _as_items(preds), _as_items(targets)
-        if len(preds) != len(targets):
-            raise ValueError(f"{len(preds)} predicted masks for {len(targets)} target masks")
-        for p, t in zip(preds, targets):
-            if p.shape != t.shape:
-                raise ValueError(f"pred mask shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}")
-            p = (p.detach() > 0.5).flatten()
-            t = (t.detach() > 0.5).flatten()
-            inter = float((p & t).sum())
-            total = float(p.sum() + t.sum())
-            self._inter += inter
-            self._total += total
-            self._n_seen += 1.0
-            if t.any():
-                self._dice_sum += 2.0 * inter / total
-                self._n_items += 1.0
-
-    @sync_all_reduce("_inter", "_total", "_dice_sum", "_n_items", "_n_seen")
-    def compute(self) -> float:
-        if self._n_seen.item() == 0:
-            raise NotComputableError("SyntheticDiceMetric must see at least one item before compute()")
-        if self.reduction == "mean":
-            if self._n_items.item() == 0:
-                raise NotComputableError("SyntheticDiceMetric(mean): no item with a non-empty target mask")
-            return float(self._dice_sum.item() / self._n_items.item())
-        if self._total.item() == 0:
-            return 1.0  # nothing predicted and nothing to find
-        return float(2.0 * self._inter.item() / self._total.item())

@@ -15,16 +15,11 @@ make the identity mapping (most of the image) harder to learn. Anomaly maps clam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
 
-__all__ = ["FeatureUNet", "find_bottleneck", "make_network"]
-
-DEFAULT_CHANNELS = (32, 64, 128, 256, 512)
-DEFAULT_STRIDES = (2, 2, 2, 2)
+__all__ = ["FeatureUNet", "find_bottleneck", "forward_with_features", "unwrap"]
 
 
 def find_bottleneck(unet: torch.nn.Module) -> torch.nn.Module:
@@ -48,7 +43,7 @@ class FeatureUNet(UNet):
     - ``forward_with_features(x) -> (y, f)``: the reconstruction and the bottleneck output ``f_enc(x)``,
       shape ``(B, channels[-1], H / prod(strides), W / prod(strides))``;
     - ``bottleneck``: the bottleneck module, for a forward hook when the network is wrapped
-      (DDP: hook ``unwrap(net).bottleneck`` and call the wrapper, see ``scripts.engine``).
+      (a wrapped network, e.g. DDP: :func:`forward_with_features` hooks the inner UNet and calls the wrapper).
 
     No output activation (see the module docstring): clamp to [0, 1] at inference.
     """
@@ -62,18 +57,23 @@ class FeatureUNet(UNet):
     @torch.jit.unused
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(self(x), bottleneck output)``; gradients flow through both (eager mode only)."""
-        store: list[torch.Tensor] = []
-        handle = self.bottleneck.register_forward_hook(lambda _m, _i, out: store.append(out))
-        try:
-            y = self(x)
-        finally:
-            handle.remove()
-        return y, store[-1]
+        return forward_with_features(self, x)
 
 
-def make_network(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1,
-                 channels: Sequence[int] = DEFAULT_CHANNELS, strides: Sequence[int] = DEFAULT_STRIDES,
-                 num_res_units: int = 2, **kwargs) -> FeatureUNet:
-    """The default ART-ASyn restoration U-Net (256 px input -> 16 x 16 x 512 bottleneck)."""
-    return FeatureUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
-                       channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units, **kwargs)
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers."""
+    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        network = network.module
+    return network
+
+
+def forward_with_features(network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``network(x)`` -- through any DDP wrapper, so gradients stay synchronised -- and capture the
+    bottleneck output with a forward hook on the bottleneck of the (unwrapped) MONAI UNet."""
+    store: list[torch.Tensor] = []
+    handle = find_bottleneck(unwrap(network)).register_forward_hook(lambda _m, _i, out: store.append(out))
+    try:
+        y = network(x)
+    finally:
+        handle.remove()
+    return y, store[-1]

@@ -28,13 +28,19 @@ from scripts.datasets import list_images
 
 logger = logging.getLogger(__name__)
 
-RIGHT_LUNG_RGB, LEFT_LUNG_RGB, MASK_RGB = (230, 40, 40), (40, 110, 255), (255, 220, 0)
+RIGHT_LUNG_RGB, LEFT_LUNG_RGB, MASK_RGB, GT_RGB = (230, 40, 40), (40, 110, 255), (255, 220, 0), (0, 255, 0)
 
 
 def to_rgb(img: np.ndarray) -> np.ndarray:
     """float [0, 1] (H, W) -> uint8 (H, W, 3)."""
     g = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
     return np.repeat(g[..., None], 3, axis=2)
+
+
+def heat_rgb(x: np.ndarray) -> np.ndarray:
+    """float [0, 1] (H, W) -> uint8 (H, W, 3) in the JET colour map (blue low, red high)."""
+    u8 = (np.clip(x, 0, 1) * 255).astype(np.uint8)
+    return cv2.applyColorMap(u8, cv2.COLORMAP_JET)[..., ::-1]
 
 
 def draw_contours(rgb: np.ndarray, binary: np.ndarray, color, thickness: int = 1) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.metrics import (SyntheticDiceMetric, anomaly_map, calibrate_threshold, dice_micro, dice_per_image,
+from scripts.metrics import (anomaly_map, calibrate_threshold, dice_micro, dice_per_image,
                              dice_score, image_auroc_ap, image_score, paper_mask, pr_curve_points,
                              roc_curve_points, threshold_mask)
 
@@ -118,49 +118,3 @@ def test_dice_micro_vs_per_image():
     assert dice_score(p[2], g[2]) == 0.0 and dice_score(g[2], g[2]) == 1.0 and dice_score(p[1], g[1]) == 0.4
     # float and torch masks (> 0.5 is foreground)
     assert dice_micro(torch.as_tensor(p, dtype=torch.float32), g.astype(np.float32)) == dice_micro(p, g)
-
-
-def test_synthetic_dice_metric_with_evaluator_output():
-    from monai.data import decollate_batch
-
-    p = torch.zeros(3, 1, 2, 2)
-    t = torch.zeros(3, 1, 2, 2)
-    t[0, 0, 0], p[0, 0, 0] = 1, 1
-    t[1] = 1
-    p[1, 0, 0, 0] = 1
-    p[2, 0, 1, 1] = 1
-    output = decollate_batch({"pred_mask": p, "target_mask": t})  # what a MONAI evaluator holds
-    micro = SyntheticDiceMetric()
-    micro.reset()
-    micro.update(micro._output_transform(output[:2]))
-    micro.update(micro._output_transform(output[2:]))
-    assert micro.compute() == pytest.approx(dice_micro(p.numpy(), t.numpy()))
-    mean = SyntheticDiceMetric(reduction="mean", output_transform=lambda o: (o[0], o[1]))
-    mean.reset()
-    mean.update((p, t))  # batched tensors work too
-    assert mean.compute() == pytest.approx(dice_per_image(p.numpy(), t.numpy()))
-    with pytest.raises(ValueError, match="reduction"):
-        SyntheticDiceMetric(reduction="sum")
-
-
-def test_synthetic_dice_metric_in_supervised_evaluator():
-    """Usable as ``key_val_metric`` of a MONAI SupervisedEvaluator with AnomalyPostd-style outputs."""
-    from monai.engines import SupervisedEvaluator
-    data = [{"image": torch.zeros(1, 1, 4, 4), "label": torch.zeros(1, 1, 4, 4)}] * 2
-
-    class Const(torch.nn.Module):
-        def forward(self, x):
-            return x + 1.0
-
-    def post(d):  # stands in for AnomalyPostd(mask_key=...): writes pred_mask and target_mask per item
-        d = dict(d)
-        d["pred_mask"] = torch.ones(1, 4, 4)
-        tm = torch.zeros(1, 4, 4)
-        tm[0, :2] = 1
-        d["target_mask"] = tm
-        return d
-
-    ev = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=data, network=Const(),
-                             postprocessing=post, key_val_metric={"val_dice": SyntheticDiceMetric()})
-    ev.run()
-    assert ev.state.metrics["val_dice"] == pytest.approx(2 * 8 / (16 + 8))

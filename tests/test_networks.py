@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks import convert_to_torchscript
 from monai.networks.nets import UNet
 
-from scripts.networks import DEFAULT_CHANNELS, DEFAULT_STRIDES, FeatureUNet, find_bottleneck, make_network
+from scripts.networks import FeatureUNet, find_bottleneck
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
 
@@ -46,10 +50,14 @@ def test_bottleneck_features_shape_and_gradient(pair):
     assert not net.bottleneck._forward_hooks  # the hook is removed
 
 
-def test_default_factory():
-    net = make_network()
-    assert isinstance(net, FeatureUNet) and tuple(net.channels) == DEFAULT_CHANNELS
-    assert tuple(net.strides) == DEFAULT_STRIDES and net.num_res_units == 2
+def test_default_network_of_train_config():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "train.json"))
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, FeatureUNet) and tuple(net.channels) == (32, 64, 128, 256, 512)
+    assert tuple(net.strides) == (2, 2, 2, 2) and net.num_res_units == 2
     with torch.no_grad():
         y, f = net.eval().forward_with_features(torch.rand(1, 1, 64, 64))
     assert y.shape == (1, 1, 64, 64) and f.shape == (1, 512, 4, 4)
