@@ -122,6 +122,7 @@ def test_rejects_bad_arguments():
         phantom(lesions=-1)
 
 
+@pytest.mark.slow  # wall-clock bound: a benchmark, not a default test
 def test_speed():
     rng = np.random.default_rng(0)
     dd.make_phantom(rng)
