@@ -1,18 +1,117 @@
-"""Post-processing of a restoration network's output into anomaly maps, masks and image scores.
+"""Anomaly maps, image scores and masks of a restoration network's output, and their MONAI transform.
 
-Per image (never across a batch): ``A = |I - I_hat|``; score = mean squared error (the paper) or another
-``scripts.metrics.image_score`` kind; binary mask by the paper's rule ``A >= max(floor, rel * max(A))``
-or by a fixed (calibrated) threshold, optionally restricted to a region such as the dilated lungs.
+The rules, all per image (never across a batch): ``A = |I - I_hat|`` (ART-ASyn Sec. 3.3); the image score
+is the mean squared error (the paper) or another :data:`SCORE_KINDS` kind; the binary mask follows the
+paper's rule ``A >= max(floor, rel * max(A))`` or a fixed (calibrated) threshold, optionally restricted to
+a region such as the dilated lungs. :class:`AnomalyPostd` applies them in the evaluation and inference
+configs.
+
+Array functions accept numpy arrays or torch tensors and return the same kind. Image stacks are
+``(N, ...)`` with the first axis indexing images; a 2-D array ``(H, W)`` is one image.
 """
 
 from __future__ import annotations
 
 from typing import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
 
-from scripts.metrics import SCORE_KINDS, anomaly_map, image_score, paper_mask, threshold_mask
+from custom_transforms.utils import per_image
+
+__all__ = ["SCORE_KINDS", "MASK_REGIONS", "anomaly_map", "image_score", "paper_mask", "calibrate_threshold",
+           "threshold_mask", "dilate_region", "region_key", "validate_score_kind", "AnomalyPostd"]
+
+SCORE_KINDS = ("mse", "mean_abs", "topk_mean")
+
+
+def validate_score_kind(kind: str) -> str:
+    """Check an image score kind (``score_kind`` in the configs).
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`SCORE_KINDS`.
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score kind (score_kind) must be one of {SCORE_KINDS}, got {kind!r}")
+    return kind
+
+
+def anomaly_map(image, recon):
+    """``A = |I - I_hat|`` (same shape and type as the inputs)."""
+    if isinstance(image, torch.Tensor):
+        return (image - torch.as_tensor(recon, dtype=image.dtype, device=image.device)).abs()
+    return np.abs(np.asarray(image, np.float32) - np.asarray(recon, np.float32))
+
+
+def image_score(image, recon, kind: str = "mse", topk_fraction: float = 0.01):
+    """Image anomaly score, per image.
+
+    ``"mse"``: mean of ``(I - I_hat)^2`` (the paper); ``"mean_abs"``: mean of ``A``; ``"topk_mean"``: mean of
+    the largest ``topk_fraction`` of ``A`` (at least one pixel). A 2-D input gives a scalar, a stack one
+    score per image.
+    """
+    validate_score_kind(kind)
+    if not 0.0 < topk_fraction <= 1.0:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    err = per_image(anomaly_map(image, recon))
+    if kind == "mse":
+        s = (err ** 2).mean(1)
+    elif kind == "mean_abs":
+        s = err.mean(1)
+    else:
+        k = max(1, int(round(topk_fraction * err.shape[1])))
+        s = torch.topk(err, k, dim=1).values.mean(1) if isinstance(err, torch.Tensor) else \
+            np.sort(err, axis=1)[:, -k:].mean(1)
+    return s[0] if np.ndim(image) == 2 else s
+
+
+def paper_mask(amap, floor: float = 0.03, rel: float = 0.2):
+    """``A >= max(floor, rel * max(A))`` with the max taken per image.
+
+    The published code took the max over the whole batch, so one image's mask depended on the other images
+    in its batch; here each image is thresholded on its own. Returns a boolean array of ``amap``'s shape.
+    """
+    flat = per_image(amap)
+    if isinstance(flat, torch.Tensor):
+        thr = (rel * flat.max(1).values).clamp(min=floor)
+    else:
+        thr = np.maximum(rel * flat.max(1), floor)
+    if amap.ndim == 2:
+        return amap >= thr[0]
+    return amap >= thr.reshape((-1,) + (1,) * (amap.ndim - 1))
+
+
+def calibrate_threshold(healthy_maps, quantile: float = 0.99, region=None) -> float:
+    """Pixel threshold = ``quantile`` of the anomaly-map values of held-out healthy images.
+
+    ``region`` (same shape as ``healthy_maps``, e.g. dilated lung masks): only pixels with ``region > 0``
+    count. With ``quantile = q`` about ``1 - q`` of the healthy pixels lie at or above the threshold.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    a = convert_to_numpy(healthy_maps, dtype=np.float32)
+    if region is not None:
+        region = convert_to_numpy(region)
+        if region.shape != a.shape:
+            raise ValueError(f"region shape {region.shape} differs from the maps' shape {a.shape}")
+        vals = a[region > 0]
+    else:
+        vals = a.ravel()
+    if vals.size == 0:
+        raise ValueError("no pixels to calibrate on (empty maps or region)")
+    return float(np.quantile(vals, quantile))
+
+
+def threshold_mask(amap, thr: float, region=None):
+    """``A >= thr`` (boolean), optionally only inside ``region > 0``."""
+    m = amap >= thr
+    if region is None:
+        return m
+    if isinstance(m, torch.Tensor):
+        return m & (torch.as_tensor(region, device=m.device) > 0)
+    return m & (convert_to_numpy(region) > 0)
 
 
 def dilate_region(lung: torch.Tensor, radius: int) -> torch.Tensor:
@@ -55,8 +154,7 @@ class AnomalyPostd(MapTransform):
                  region_key: str | None = None, region_dilation: int = 0, mask_key: str | None = None,
                  allow_missing_keys: bool = False):
         super().__init__([input_key, pred_key], allow_missing_keys)
-        if score not in SCORE_KINDS:
-            raise ValueError(f"score kind (score_kind) must be one of {SCORE_KINDS}, got {score!r}")
+        validate_score_kind(score)
         if not (0.0 <= floor and 0.0 <= rel <= 1.0):
             raise ValueError(f"need floor >= 0 and 0 <= rel <= 1, got floor={floor}, rel={rel}")
         self.input_key, self.pred_key, self.score = input_key, pred_key, score

@@ -1,24 +1,23 @@
-"""Test-set evaluation as an ignite handler: image AUROC/AP, pixel Dice, plots, case grid, MLflow.
+"""Test-set evaluation as ignite handlers: image AUROC/AP, pixel Dice, plots, case grid, MLflow.
 
-Attach :class:`AnomalyEvaluationHandler` to a MONAI ``SupervisedEvaluator`` whose post-processing is
-``custom_transforms.anomaly.AnomalyPostd`` (it writes ``score``, ``amap`` and ``pred_mask`` per image).
+Attach to a MONAI ``SupervisedEvaluator`` whose post-processing is
+:class:`custom_transforms.anomaly.AnomalyPostd` (it writes ``score``, ``amap`` and ``pred_mask`` per image).
+One job per piece:
 
-Metrics (written to ``<output_dir>/metrics.json`` and to MLflow):
-
-- ``auroc``, ``ap``: image level, score vs label (healthy 0 / diseased 1); ``None`` with a reason when
-  the test set holds one class only (e.g. QaTa, all diseased);
-- ``dice_micro``: pixel Dice over all pixels of the images that have a ground-truth lesion mask;
-- ``dice_mean``: mean of the per-image Dice over those images;
-- ``healthy_fp_fraction``: mean fraction of pixels flagged anomalous on healthy test images.
-
-With ``mask_rule="calibrated"`` the pixel threshold is the ``quantile`` of anomaly-map values on held-out
-healthy images (``calibration_loader``), optionally inside the dilated lung field, set on the
-post-processing transform before the test images run.
+- :class:`ThresholdCalibration` (``mask_rule="calibrated"``): before the test images run, sets the pixel
+  threshold to the ``quantile`` of anomaly-map values on held-out healthy images, optionally inside the
+  dilated lung field;
+- :class:`ResultCollector`: per-image labels, scores, masks, maps;
+- :func:`compute_metrics`: ``auroc``, ``ap`` (image level; ``None`` when the test set holds one class only,
+  e.g. QaTa, all diseased), ``dice_micro`` (pixel Dice over all pixels of the images that have a
+  ground-truth lesion mask; ART-ASyn Eq. 10), ``dice_mean`` (mean per-image Dice over those images),
+  ``healthy_fp_fraction`` (mean fraction of pixels flagged on healthy test images);
+- pictures from :mod:`scripts.visualization` and the MLflow run from :func:`scripts.tracking.log_run`;
+- :class:`AnomalyEvaluationHandler` ties them together and writes ``<output_dir>/metrics.json``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from pathlib import Path
@@ -26,15 +25,31 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data import decollate_batch
+from monai.utils import convert_to_numpy
 
-from custom_transforms.anomaly import dilate_region
+from custom_transforms.anomaly import anomaly_map, calibrate_threshold, dilate_region
+from custom_transforms.io import save_png, write_json
+from custom_transforms.utils import as_2d
 from scripts.engine import prepare_restoration_batch
-from custom_transforms.io import atomic_write_bytes, save_png, write_json
-from scripts.metrics import (anomaly_map, as_2d, calibrate_threshold, dice_micro, dice_per_image, dice_score,
-                             image_auroc_ap, pr_curve_points, roc_curve_points, to_numpy)
-from scripts.preview import GT_RGB, MASK_RGB, draw_contours, heat_rgb, to_rgb
+from scripts.metrics import dice_micro, dice_per_image, dice_score, image_auroc_ap
+from scripts.tracking import log_run
+from scripts.visualization import case_grid, roc_pr_png
 
 logger = logging.getLogger(__name__)
+
+MASK_RULES = ("paper", "calibrated")
+
+
+def validate_mask_rule(mask_rule: str) -> str:
+    """Check a mask rule (``mask_rule`` in configs/evaluate.json).
+
+    Raises:
+        ValueError: ``mask_rule`` is not one of :data:`MASK_RULES`.
+    """
+    if mask_rule not in MASK_RULES:
+        raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
+    return mask_rule
 
 
 def _name(item: dict) -> str:
@@ -43,39 +58,38 @@ def _name(item: dict) -> str:
     return str(item.get("name") or Path(str(meta.get("filename_or_obj", "?"))).name)
 
 
-class AnomalyEvaluationHandler:
-    """Collect per-image results during evaluation; compute, save and log the metrics at the end."""
+def _first(x) -> float:
+    return convert_to_numpy(x).reshape(-1)[0]
 
-    def __init__(self, output_dir, postprocessing=None, mask_rule: str = "paper", calibration_loader=None,
-                 network=None, quantile: float = 0.99, region_key: str | None = None, region_dilation: int = 0,
-                 tracking_uri: str | None = None, experiment_name: str = "art-asyn", run_name: str | None = None,
-                 params: dict | None = None, n_cases: int = 4):
-        if mask_rule not in ("paper", "calibrated"):
-            raise ValueError(f"mask_rule must be 'paper' or 'calibrated', got {mask_rule!r}")
+
+class ThresholdCalibration:
+    """With ``mask_rule="calibrated"``, set ``postprocessing.threshold`` when the evaluator starts.
+
+    The threshold is the ``quantile`` of anomaly-map values of the held-out healthy images of
+    ``calibration_loader`` (inside ``region_key`` dilated by ``region_dilation`` px when given). With
+    ``mask_rule="paper"`` it does nothing and ``threshold`` stays ``None``.
+    """
+
+    def __init__(self, postprocessing, mask_rule: str = "paper", calibration_loader=None, network=None,
+                 quantile: float = 0.99, region_key: str | None = None, region_dilation: int = 0):
+        self.mask_rule = validate_mask_rule(mask_rule)
         if mask_rule == "calibrated" and (calibration_loader is None or network is None or postprocessing is None):
             raise ValueError("mask_rule='calibrated' needs calibration_loader, network and postprocessing")
-        self.output_dir = Path(output_dir)
-        self.post, self.mask_rule, self.cal_loader, self.network = postprocessing, mask_rule, calibration_loader, network
+        self.post, self.loader, self.network = postprocessing, calibration_loader, network
         self.quantile, self.region_key, self.region_dilation = quantile, region_key, region_dilation
-        self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
-        self.params, self.n_cases = dict(params or {}), n_cases
-        self.results: list[dict] = []
-        self.metrics: dict = {}
+        self.threshold: float | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    # -- events -------------------------------------------------------------------------------------
-    def started(self, engine: Engine) -> None:
-        self.results = []
-        self.t0 = time.perf_counter()
         if self.mask_rule == "calibrated":
-            thr = self.calibrate(engine.state.device if hasattr(engine.state, "device") else None)
-            self.post.threshold = thr
-            self.params["calibrated_threshold"] = thr
-            logger.info("calibrated pixel threshold %.4f (quantile %.3f of held-out healthy maps)", thr, self.quantile)
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> float:
+        device = getattr(getattr(engine, "state", None), "device", None)
+        self.threshold = self.calibrate(device)
+        self.post.threshold = self.threshold
+        logger.info("calibrated pixel threshold %.4f (quantile %.3f of held-out healthy maps)",
+                    self.threshold, self.quantile)
+        return self.threshold
 
     def calibrate(self, device=None) -> float:
         """Pixel threshold = quantile of anomaly-map values of held-out healthy images (in the region)."""
@@ -84,170 +98,149 @@ class AnomalyEvaluationHandler:
         maps, regions = [], []
         self.network.eval()
         with torch.no_grad():
-            for batch in self.cal_loader:
+            for batch in self.loader:
                 x, _ = prepare(batch, device)
-                maps.append(to_numpy(anomaly_map(x, self.network(x).clamp(0, 1))))
+                maps.append(convert_to_numpy(anomaly_map(x, self.network(x).clamp(0, 1))))
                 if self.region_key is not None:
-                    regions.append(to_numpy(dilate_region(torch.as_tensor(batch[self.region_key]), self.region_dilation)))
+                    region = dilate_region(torch.as_tensor(batch[self.region_key]), self.region_dilation)
+                    regions.append(convert_to_numpy(region))
         if not maps:
             raise ValueError("calibration loader yielded no images")
         return float(calibrate_threshold(np.concatenate(maps), self.quantile,
                                          region=np.concatenate(regions) > 0 if regions else None))
 
-    def collect(self, engine: Engine) -> None:
-        """Per-image results; labels and masks come from the batch (engines keep only outputs in ``output``)."""
-        from monai.data import decollate_batch
 
+class ResultCollector:
+    """Collect per-image results of every iteration (labels and masks come from the batch)."""
+
+    def __init__(self):
+        self.results: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.results.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
         out = engine.state.output
         out = out if isinstance(out, list) else decollate_batch(out)
         batch = engine.state.batch
         for b, o in zip(batch if isinstance(batch, list) else decollate_batch(batch), out):
             item = {**o, **b}  # the batch wins: an evaluator output "label" is the restoration target
-            has_gt = bool(int(to_numpy(item.get("has_gt_mask", 0)).reshape(-1)[0])) and "gt_mask" in item
+            has_gt = bool(int(_first(item.get("has_gt_mask", 0)))) and "gt_mask" in item
             self.results.append({
                 "name": _name(item),
-                "label": int(to_numpy(item["label"]).reshape(-1)[0]),
-                "score": float(to_numpy(item["score"]).reshape(-1)[0]),
+                "label": int(_first(item["label"])),
+                "score": float(_first(item["score"])),
                 "pred_mask": as_2d(item["pred_mask"]) > 0.5,
                 "gt_mask": as_2d(item["gt_mask"]) > 0.5 if has_gt else None,
                 "image": as_2d(item["image"]).astype(np.float16),
                 "amap": as_2d(item["amap"]).astype(np.float16),
             })
 
+
+def _with_gt(results: list[dict]) -> list[dict]:
+    return [r for r in results if r["gt_mask"] is not None and r["gt_mask"].any()]
+
+
+def compute_metrics(results: list[dict]) -> dict:
+    """Image AUROC/AP, pixel Dice (micro and mean) and the healthy false-positive fraction of ``results``."""
+    if not results:
+        raise ValueError("evaluation saw no images")
+    labels = np.array([r["label"] for r in results])
+    scores = np.array([r["score"] for r in results])
+    m: dict = {"n_images": len(labels), "n_healthy": int((labels == 0).sum()), "n_diseased": int(labels.sum())}
+    if len(np.unique(labels)) == 2:
+        m["auroc"], m["ap"] = (float(v) for v in image_auroc_ap(scores, labels))
+    else:
+        m["auroc"] = m["ap"] = None
+        logger.warning("test set holds one class only: AUROC/AP not defined")
+    with_gt = _with_gt(results)
+    empty = sum(r["gt_mask"] is not None and not r["gt_mask"].any() for r in results)
+    if empty:
+        logger.warning("%d ground-truth mask(s) are empty: left out of the Dice figures", empty)
+    m["n_with_mask"] = len(with_gt)
+    m["dice_micro"] = m["dice_mean"] = None
+    if with_gt:
+        preds = np.stack([r["pred_mask"] for r in with_gt])
+        gts = np.stack([r["gt_mask"] for r in with_gt])
+        m["dice_micro"], m["dice_mean"] = float(dice_micro(preds, gts)), float(dice_per_image(preds, gts))
+    healthy = [r["pred_mask"].mean() for r in results if r["label"] == 0]
+    m["healthy_fp_fraction"] = float(np.mean(healthy)) if healthy else None
+    return m
+
+
+def per_image_rows(results: list[dict]) -> list[dict]:
+    """One row per image: name, label, score, flagged mask fraction, Dice when a ground truth exists."""
+    rows = []
+    for r in results:
+        row = {"name": r["name"], "label": r["label"], "score": r["score"], "mask_fraction": float(r["pred_mask"].mean())}
+        if r["gt_mask"] is not None:
+            row["dice"] = dice_score(r["pred_mask"], r["gt_mask"])
+        rows.append(row)
+    return rows
+
+
+def pick_cases(results: list[dict], n: int) -> list[dict]:
+    """Best and worst ``n`` cases by Dice when masks exist, else the top-scored healthy / lowest diseased."""
+    with_gt = _with_gt(results)
+    if with_gt:
+        ranked = sorted(with_gt, key=lambda r: -dice_score(r["pred_mask"], r["gt_mask"]))
+        return ranked[:n] + ranked[::-1][:n]
+    healthy = sorted((r for r in results if r["label"] == 0), key=lambda r: -r["score"])
+    diseased = sorted((r for r in results if r["label"] == 1), key=lambda r: r["score"])
+    return healthy[:n] + diseased[:n]
+
+
+class AnomalyEvaluationHandler:
+    """At the end of evaluation: metrics, ``metrics.json``, ``roc_pr.png``, ``cases.png`` and an MLflow run.
+
+    Args:
+        output_dir: where the files go. calibration: the :class:`ThresholdCalibration` of the same
+            evaluator (its threshold is recorded in the params), or None.
+        tracking_uri / experiment_name / run_name: the MLflow run (none when ``tracking_uri`` is empty).
+        params: the run's parameters (:func:`scripts.tracking.run_params`). n_cases: rows of each kind in
+            ``cases.png``.
+    """
+
+    def __init__(self, output_dir, calibration: ThresholdCalibration | None = None, tracking_uri: str | None = None,
+                 experiment_name: str = "art-asyn", run_name: str | None = None, params: dict | None = None,
+                 n_cases: int = 4):
+        self.output_dir, self.calibration = Path(output_dir), calibration
+        self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
+        self.params, self.n_cases = dict(params or {}), n_cases
+        self.collector = ResultCollector()
+        self.metrics: dict = {}
+
+    @property
+    def results(self) -> list[dict]:
+        return self.collector.results
+
+    def attach(self, engine: Engine) -> None:
+        self.collector.attach(engine)
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        self.t0 = time.perf_counter()
+
     def completed(self, engine: Engine) -> None:
-        self.metrics = self.compute()
+        self.metrics = compute_metrics(self.results)
         self.metrics["seconds"] = round(time.perf_counter() - self.t0, 2)
+        if self.calibration is not None and self.calibration.threshold is not None:
+            self.params["calibrated_threshold"] = self.calibration.threshold
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "metrics.json", {"metrics": self.metrics, "params": self.params,
-                                                      "per_image": self.per_image_rows()})
+                                                      "per_image": per_image_rows(self.results)})
         artifacts = [self.output_dir / "metrics.json"]
-        artifacts += self.plot_curves()
-        artifacts += self.case_grid()
-        self.log_mlflow(artifacts)
+        if self.metrics.get("auroc") is not None:
+            artifacts.append(roc_pr_png(self.output_dir / "roc_pr.png", [r["score"] for r in self.results],
+                                        [r["label"] for r in self.results], self.metrics["auroc"], self.metrics["ap"]))
+        cases = pick_cases(self.results, self.n_cases)
+        if cases:
+            save_png(self.output_dir / "cases.png", case_grid(cases))
+            artifacts.append(self.output_dir / "cases.png")
+        if self.tracking_uri:
+            log_run(self.tracking_uri, self.experiment_name, self.run_name, self.params, self.metrics, artifacts,
+                    tags={"stage": "evaluate"}, metric_prefix="test_")
         print("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in self.metrics.items()))
-
-    # -- computations -------------------------------------------------------------------------------
-    def compute(self) -> dict:
-        if not self.results:
-            raise ValueError("evaluation saw no images")
-        labels = np.array([r["label"] for r in self.results])
-        scores = np.array([r["score"] for r in self.results])
-        m: dict = {"n_images": len(labels), "n_healthy": int((labels == 0).sum()), "n_diseased": int(labels.sum())}
-        if len(np.unique(labels)) == 2:
-            m["auroc"], m["ap"] = (float(v) for v in image_auroc_ap(scores, labels))
-        else:
-            m["auroc"] = m["ap"] = None
-            logger.warning("test set holds one class only: AUROC/AP not defined")
-        with_gt = [r for r in self.results if r["gt_mask"] is not None and r["gt_mask"].any()]
-        empty = sum(r["gt_mask"] is not None and not r["gt_mask"].any() for r in self.results)
-        if empty:
-            logger.warning("%d ground-truth mask(s) are empty: left out of the Dice figures", empty)
-        m["n_with_mask"] = len(with_gt)
-        if with_gt:
-            preds = np.stack([r["pred_mask"] for r in with_gt])
-            gts = np.stack([r["gt_mask"] for r in with_gt])
-            m["dice_micro"] = float(dice_micro(preds, gts))
-            m["dice_mean"] = float(dice_per_image(preds, gts))
-        else:
-            m["dice_micro"] = m["dice_mean"] = None
-        healthy = [r["pred_mask"].mean() for r in self.results if r["label"] == 0]
-        m["healthy_fp_fraction"] = float(np.mean(healthy)) if healthy else None
-        return m
-
-    def per_image_rows(self) -> list[dict]:
-        rows = []
-        for r in self.results:
-            row = {"name": r["name"], "label": r["label"], "score": r["score"],
-                   "mask_fraction": float(r["pred_mask"].mean())}
-            if r["gt_mask"] is not None:
-                row["dice"] = dice_score(r["pred_mask"], r["gt_mask"])
-            rows.append(row)
-        return rows
-
-    def plot_curves(self) -> list[Path]:
-        if self.metrics.get("auroc") is None:
-            return []
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        labels = np.array([r["label"] for r in self.results])
-        scores = np.array([r["score"] for r in self.results])
-        fpr, tpr, _ = roc_curve_points(scores, labels)
-        rec, prec, _ = pr_curve_points(scores, labels)
-        fig, ax = plt.subplots(1, 2, figsize=(8, 4), dpi=80)
-        ax[0].plot(fpr, tpr, label=f"AUROC {self.metrics['auroc']:.3f}")
-        ax[0].plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-        ax[1].plot(rec, prec, label=f"AP {self.metrics['ap']:.3f}")
-        ax[1].axhline(labels.mean(), color="k", ls="--", lw=0.8)
-        ax[1].set(xlabel="recall", ylabel="precision", title="Precision-recall")
-        for a in ax:
-            a.legend(loc="lower right")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        path = self.output_dir / "roc_pr.png"
-        atomic_write_bytes(path, buf.getvalue())
-        return [path]
-
-    def case_grid(self) -> list[Path]:
-        """Best and worst cases: by Dice when masks exist, else the top-scored healthy / lowest diseased.
-
-        Columns: image | anomaly map (scaled to its own maximum) | predicted mask (yellow) and lesion (green).
-        """
-        with_gt = [r for r in self.results if r["gt_mask"] is not None and r["gt_mask"].any()]
-        if with_gt:
-            ranked = sorted(with_gt, key=lambda r: -dice_score(r["pred_mask"], r["gt_mask"]))
-            picks = ranked[: self.n_cases] + ranked[::-1][: self.n_cases]
-        else:
-            healthy = sorted((r for r in self.results if r["label"] == 0), key=lambda r: -r["score"])
-            diseased = sorted((r for r in self.results if r["label"] == 1), key=lambda r: r["score"])
-            picks = healthy[: self.n_cases] + diseased[: self.n_cases]
-        if not picks:
-            return []
-        rows = []
-        for r in picks:
-            img = to_rgb(r["image"].astype(np.float32))
-            amap = r["amap"].astype(np.float32)
-            pred = draw_contours(img, r["pred_mask"], MASK_RGB)
-            if r["gt_mask"] is not None:
-                pred = draw_contours(pred, r["gt_mask"], GT_RGB)
-            rows.append(np.concatenate([img, heat_rgb(amap / max(float(amap.max()), 1e-6)), pred], axis=1))
-        path = self.output_dir / "cases.png"
-        save_png(path, np.concatenate(rows, axis=0))
-        return [path]
-
-    def log_mlflow(self, artifacts) -> None:
-        if not self.tracking_uri:
-            return
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        exp = client.get_experiment_by_name(self.experiment_name)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:  # like MONAI's MLFlowHandler: a local SQLite store keeps artifacts in <db folder>/mlruns, not in cwd
-            location = None
-            if self.tracking_uri.startswith("sqlite:///"):
-                location = (Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-            exp_id = client.create_experiment(self.experiment_name, artifact_location=location)
-        run = client.create_run(exp_id, run_name=self.run_name or f"eval_{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"stage": "evaluate"})
-        rid = run.info.run_id
-        try:
-            for k, v in self.params.items():
-                client.log_param(rid, k, str(v)[:6000])
-            for k, v in self.metrics.items():
-                if isinstance(v, (int, float)):
-                    client.log_metric(rid, f"test_{k}", float(v))
-            for a in artifacts:
-                client.log_artifact(rid, str(a))
-            client.set_terminated(rid, "FINISHED")
-        except Exception:
-            client.set_terminated(rid, "FAILED")
-            raise
-        logger.info("MLflow run '%s' (%s) in %s", run.info.run_name, rid, self.tracking_uri)

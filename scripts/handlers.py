@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +106,3 @@ class ParamsSnapshot:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: write_json(self.path, self.params))
-
-
-def ensure_dir(path) -> str:
-    """Create ``path`` (and parents) and return it as a string, for use inside configs."""
-    os.makedirs(path, exist_ok=True)
-    return str(path)

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from ignite.engine import Engine, Events
+from monai.utils import convert_to_numpy
 
 from custom_transforms.io import IMAGE_SUFFIXES, atomic_write_bytes, save_png, write_json
-from scripts.metrics import as_2d, to_numpy
-from scripts.preview import MASK_RGB, draw_contours, heat_rgb, to_rgb
+from custom_transforms.utils import as_2d
+from scripts.visualization import overlay
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,6 @@ def save_nifti(path, arr2d: np.ndarray) -> None:
 
     data = nib.Nifti1Image(np.ascontiguousarray(arr2d.T), np.eye(4)).to_bytes()
     atomic_write_bytes(path, gzip.compress(data))
-
-
-def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, gain: float = 4.0) -> np.ndarray:
-    """RGB overlay: heatmap of ``gain * amap`` blended where it is non-zero, mask outlined in yellow."""
-    w = np.clip(gain * amap, 0, 1)[..., None] * 0.6
-    out = (to_rgb(image) * (1 - w) + heat_rgb(gain * amap) * w).astype(np.uint8)
-    return draw_contours(out, mask > 0.5, MASK_RGB)
 
 
 def output_stem(src: str, taken: set[str]) -> str:
@@ -103,7 +97,7 @@ class InferenceWriter:
             else:
                 save_png(self.output_dir / f"{stem}_amap.png", np.clip(amap, 0, 1))
                 save_png(self.output_dir / f"{stem}_mask.png", mask)
-            score = float(to_numpy(item["score"]).reshape(-1)[0])
+            score = float(convert_to_numpy(item["score"]).reshape(-1)[0])
             row = {"file": src, "output": stem, "score": score, "mask_fraction": float(mask.mean())}
             if self.score_threshold is not None:
                 row["flagged"] = int(score > self.score_threshold)

@@ -1,8 +1,14 @@
 """Helpers shared by the tests."""
 
+from pathlib import Path
+
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+REAL_CXR = REPO.parent / "shared" / "data" / "cxr"  # real data beside the clone; tests skip when absent
 
 
 def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):

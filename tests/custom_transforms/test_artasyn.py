@@ -1,4 +1,4 @@
-"""ART-ASyn synthesis (custom_transforms.artasyn) and its procedural brush (custom_transforms.brush).
+"""ART-ASyn synthesis (custom_transforms.synthesis.artasyn) and its procedural brush (custom_transforms.synthesis.brush).
 
 All tests use a procedural phantom (bright body, two dark elliptical lungs, labels drawn directly):
 no real data needed.
@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image, ImageFilter
 
-from custom_transforms.artasyn import (
+from custom_transforms.synthesis.artasyn import (
     STEPS,
     ARTASynd,
     ARTASynParams,
@@ -25,7 +25,7 @@ from custom_transforms.artasyn import (
     soft_lung_weight,
     synthesize_artasyn,
 )
-from custom_transforms.brush import make_brush
+from custom_transforms.synthesis.brush import make_brush
 
 
 def phantom(size=256, sides=(1, 2)):
@@ -156,7 +156,7 @@ def test_bad_inputs_give_clear_errors():
         synthesize_artasyn(IMG, LUNG[:-1], rng)
     with pytest.raises(ValueError, match="no lung pixel"):
         synthesize_artasyn(IMG, np.zeros_like(LUNG), rng)
-    with pytest.raises(ValueError, match="steps must be one of"):
+    with pytest.raises(ValueError, match=r"steps \(synthesis_steps\) must be one of"):
         synthesize_artasyn(IMG, LUNG, rng, steps="blur")
     with pytest.raises(ValueError, match="2-D"):
         synthesize_artasyn(IMG[None], LUNG[None], rng)

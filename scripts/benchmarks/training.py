@@ -12,9 +12,9 @@ It prints, per epoch after the first (warm-up: worker start, caches), images/s (
 and synthetic, per second of wall time) and the data-wait share ``wait / (wait + compute)``, then their
 medians. Usage (from the repository root)::
 
-    python scripts/benchmark_training.py                                  # demo phantoms, demo config
-    python scripts/benchmark_training.py --dataset_dir ../shared/data/cxr/nih --config configs/nih.json
-    python scripts/benchmark_training.py --num_workers 0                  # synthesis in the main process
+    python -m scripts.benchmarks.training                                  # demo phantoms, demo config
+    python -m scripts.benchmarks.training --dataset_dir ../shared/data/cxr/nih --config configs/nih.json
+    python -m scripts.benchmarks.training --num_workers 0                  # synthesis in the main process
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 
 class StepTimer:
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset_dir", default=None, help="dataset root (default: the demo phantoms)")
     ap.add_argument("--config", action="append", default=[],
-                    help="override config merged over configs/train.json (repeatable; default configs/demo.json)")
+                    help="override config merged over configs/train.json (repeatable; default configs/overrides/demo.json)")
     ap.add_argument("--epochs", type=int, default=4, help="epochs to run; the first is warm-up (default 4)")
     ap.add_argument("--num_workers", type=int, default=None, help="override the loader workers")
     ap.add_argument("--max_images", type=int, default=None, help="use at most this many training images")
@@ -92,17 +90,17 @@ def main(argv=None) -> int:
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is warm-up)")
 
-    configs = [str(REPO / "configs" / "train.json")] + (args.config or [str(REPO / "configs" / "demo.json")])
+    configs = [str(REPO / "configs" / "train.json")] + (args.config or [str(REPO / "configs" / "overrides" / "demo.json")])
     with tempfile.TemporaryDirectory() as tmp:
         overrides = {"bundle_root": tmp, "max_epochs": args.epochs, "resume": False}
         if args.dataset_dir:
             overrides["dataset_dir"] = str(Path(args.dataset_dir).resolve())
         else:
-            overrides["dataset_dir"] = f"$scripts.demo_data.ensure_demo_dataset('{REPO / 'demo_data'}')"
+            overrides["dataset_dir"] = f"$scripts.data.phantoms.ensure_demo_dataset('{REPO / 'demo_data'}')"
         if args.num_workers is not None:
             overrides["num_workers"] = args.num_workers
         if args.max_images:
-            overrides["data_split"] = ("$scripts.datasets.split_holdout(scripts.datasets.discover(@dataset_dir, "
+            overrides["data_split"] = ("$scripts.data.datasets.split_holdout(scripts.data.datasets.discover(@dataset_dir, "
                                        f"'train')[:{args.max_images}], @val_fraction)")
         trainer = build_trainer(configs, overrides)
         loader = trainer.data_loader

@@ -15,7 +15,7 @@ positions, a rotation of a few degrees, contrast and gamma vary from phantom to 
 phantoms carry 1-3 soft, bright, irregular textured opacities inside the lungs (consolidation-like),
 and their lesion mask.
 
-:func:`generate_demo_dataset` writes the folder convention read by :mod:`scripts.datasets`::
+:func:`generate_demo_dataset` writes the folder convention read by :mod:`scripts.data.datasets`::
 
     <root>/train/healthy/phantom_00001.png ...      (n_train)
     <root>/test/healthy/phantom_10001.png ...       (n_test_healthy)
@@ -29,7 +29,7 @@ when the manifest is missing or does not match the request.
 
 Command line::
 
-    python -m scripts.demo_data --out demo_data [--n-train 48] [--n-test-healthy 12]
+    python -m scripts.data.phantoms --out demo_data [--n-train 48] [--n-test-healthy 12]
         [--n-test-diseased 12] [--size 256] [--seed 0] [--overwrite]
 """
 
@@ -213,6 +213,274 @@ def _lesion(rng: np.random.Generator, lung: np.ndarray):
 
 
 # --------------------------------------------------------------------------------------------------
+# phantom parts (smooth anatomy on a half-resolution canonical grid, lungs and vessels at full size)
+# --------------------------------------------------------------------------------------------------
+
+def _grid(size: int):
+    """Half-resolution canonical grid ``(X, Y, |X|)`` for the smooth anatomy (upsampled later)."""
+    Sw = max(32, size // 2)
+    c = ((np.arange(Sw, dtype=np.float32) + 0.5) * (2.0 / Sw) - 1.0).astype(np.float32)
+    X, Y = np.meshgrid(c, c)
+    return X, Y, np.abs(X)
+
+
+def _frame(rng: np.random.Generator) -> dict:
+    """Random torso landmarks (canonical y of shoulders, neck, apices, domes; widths)."""
+    w_torso = rng.uniform(0.8, 0.9)
+    y_sh = rng.uniform(-0.62, -0.5)  # where the shoulders reach full width
+    y_neck = y_sh - rng.uniform(0.3, 0.42)
+    w_neck = rng.uniform(0.16, 0.22)
+    taper = rng.uniform(-0.04, 0.05)
+    y_apex = y_sh - rng.uniform(0.08, 0.16)
+    y_base_l = rng.uniform(0.36, 0.5)  # patient's left (image right): lower dome
+    y_base_r = y_base_l - rng.uniform(0.03, 0.1)  # patient's right: higher dome (liver)
+    mw = rng.uniform(0.1, 0.14)  # half-width of the mediastinum at the hila
+    return dict(w_torso=w_torso, y_sh=y_sh, y_neck=y_neck, w_neck=w_neck, taper=taper, y_apex=y_apex,
+                y_base_l=y_base_l, y_base_r=y_base_r, mw=mw)
+
+
+def _body(rng: np.random.Generator, Y, AX, f: dict):
+    """Body outline (torso, shoulders, neck, optional arms): ``(body, body_thick)``."""
+    y_sh, y_neck, w_torso = f["y_sh"], f["y_neck"], f["w_torso"]
+    t_sh = np.clip((Y - y_neck) / (y_sh - y_neck), 0.0, 1.0)
+    half_w = f["w_neck"] + (w_torso + 0.06 - f["w_neck"]) * np.sin(0.5 * np.pi * t_sh) ** 0.7
+    low = np.clip((Y - y_sh) / (1.0 - y_sh), 0.0, 1.0)
+    half_w = np.where(Y > y_sh, w_torso + 0.06 - (0.06 + f["taper"]) * low, half_w)
+    xr = AX / half_w
+    body_thick = np.clip(1.0 - xr * xr, 0.0, 1.0) ** 0.3  # cylinder-like: flat inside, clear edge
+    body = body_thick
+    if rng.random() < 0.6:  # arms beside the torso, separated by a dark gap
+        arm_in = w_torso + 0.06 + rng.uniform(0.03, 0.08)
+        arm_y0 = y_sh + rng.uniform(0.05, 0.15)
+        arm = (_smoothstep(arm_in, arm_in + 0.03, AX) * _smoothstep(arm_y0, arm_y0 + 0.15, Y)
+               * (0.55 + 0.3 * _smoothstep(arm_in, arm_in + 0.2, AX)))
+        body = np.maximum(body, arm)
+    return body, body_thick
+
+
+def _heart(rng: np.random.Generator, X, Y, f: dict):
+    """Heart: soft ellipse bulging to the image right, resting on the left dome.
+
+    Returns ``(heart, geometry)`` with ``geometry = (cx, cy, ax, ay, rotation_deg)`` for :func:`_heart_mask`.
+    """
+    hc_x = rng.uniform(0.06, 0.14)
+    h_ax = rng.uniform(0.28, 0.35)
+    h_ay = rng.uniform(0.21, 0.26)
+    hc_y = f["y_base_l"] - h_ay * rng.uniform(0.45, 0.7)
+    h_rot = rng.uniform(-30, -12)
+    cr, sr = np.cos(np.deg2rad(h_rot)), np.sin(np.deg2rad(h_rot))
+    hx, hy = X - hc_x, Y - hc_y
+    hu = (hx * cr + hy * sr) / h_ax
+    hv = (-hx * sr + hy * cr) / h_ay
+    heart = 1.0 - _smoothstep(0.8, 1.05, hu * hu + hv * hv)
+    return heart, (hc_x, hc_y, h_ax, h_ay, h_rot)
+
+
+def _heart_mask(size: int, geometry) -> np.ndarray:
+    """Hard (uint8 0/1) heart ellipse at full resolution, slightly smaller than the soft one."""
+    hc_x, hc_y, h_ax, h_ay, h_rot = geometry
+    heart_hard = np.zeros((size, size), np.uint8)
+    hp = _to_px([[hc_x, hc_y]], size)[0]
+    cv2.ellipse(heart_hard, (int(round(hp[0] * 16)), int(round(hp[1] * 16))),
+                (int(round(h_ax * 0.95 * size / 2 * 16)), int(round(h_ay * 0.95 * size / 2 * 16))),
+                h_rot, 0, 360, 1, -1, cv2.LINE_8, 4)
+    return heart_hard
+
+
+def _mediastinum(rng: np.random.Generator, X, Y, f: dict, heart, dome_y):
+    """Dense central tissue (mediastinum, heart, abdomen) and the trachea: ``(dense, trachea)``."""
+    mw = f["mw"]
+    med_half = mw + 0.03 + 0.04 * _smoothstep(-0.2, 0.4, Y) + 0.03 * np.exp(-((Y + 0.33) / 0.08) ** 2)
+    mediast = ((1.0 - _smoothstep(med_half - 0.04, med_half + 0.02, np.abs(X + 0.015)))
+               * _smoothstep(f["y_apex"] - 0.15, f["y_apex"] + 0.1, Y))
+    # trachea: a dark air column in the upper mediastinum, down to the carina
+    carina = rng.uniform(-0.3, -0.18)
+    trachea = ((1.0 - _smoothstep(0.02, 0.035, np.abs(X - 0.01)))
+               * (1.0 - _smoothstep(carina - 0.05, carina, Y)))
+    abdomen = _smoothstep(dome_y - 0.2, dome_y + 0.0, Y)
+    dense = np.maximum(np.maximum(mediast, heart), 1.1 * abdomen)
+    return dense, trachea
+
+
+def _spine(rng: np.random.Generator, Y, AX, f: dict):
+    """Vertebral column with periodic bodies and pedicles: ``(spine, pedicles, spine_half_width)``."""
+    spine_w = rng.uniform(0.055, 0.075)
+    vert_period = rng.uniform(0.085, 0.11)
+    vert = 0.5 + 0.5 * np.cos((2 * np.pi / vert_period) * (Y - rng.uniform(0, 1)))
+    spine = ((1.0 - _smoothstep(spine_w * 0.75, spine_w * 1.1, AX)) * (0.75 + 0.25 * vert * vert)
+             * (0.5 + 0.5 * _smoothstep(f["y_neck"], f["y_apex"], Y)))
+    ped = np.exp(-((AX - spine_w * 0.7) * (1 / 0.014)) ** 2) * (vert ** 4)
+    return spine, ped, spine_w
+
+
+def _clavicles(rng: np.random.Generator, Y, AX, f: dict):
+    """Clavicles: S-shaped bands from the sternal end out and up to the shoulders."""
+    cl_y0 = f["y_apex"] + rng.uniform(0.03, 0.1)
+    cl_x0, cl_x1 = rng.uniform(0.05, 0.1), rng.uniform(0.55, 0.7)
+    s = (AX - cl_x0) / (cl_x1 - cl_x0)
+    cl_y = cl_y0 - rng.uniform(0.04, 0.12) * s + 0.015 * np.sin(2 * np.pi * s)
+    cl_th = rng.uniform(0.028, 0.038) * (1.0 + 0.3 * np.clip(1 - s, 0, 1))
+    return ((1.0 - _smoothstep(0.55, 1.0, np.abs(Y - cl_y) / cl_th)) * _smoothstep(-0.05, 0.05, s)
+            * (1.0 - _smoothstep(0.9, 1.05, s)))
+
+
+def _ribs(rng: np.random.Generator, Y, AX, f: dict, spine_w, dome_y):
+    """Posterior ribs (curved, periodic, with a cortex) and fainter anterior bands: ``(ribs, anterior)``."""
+    lat = AX / f["w_torso"]  # 0 at the spine, 1 at the chest wall
+    rib_curve = rng.uniform(0.4, 0.55) * lat * lat - rng.uniform(0.12, 0.2) * lat
+    rib_start = f["y_apex"] - rng.uniform(0.02, 0.08)
+    spacing = rng.uniform(0.1, 0.12) * (1.0 + 0.3 * _smoothstep(-0.8, 0.6, Y))
+    phase = (Y - rib_start - rib_curve) / spacing
+    idx = np.clip(np.floor(phase), 0, 15).astype(np.intp)
+    half = (rng.uniform(0.17, 0.24, 16) * (1.0 + 0.02 * np.arange(16))).astype(np.float32)[idx]
+    shift = rng.normal(0, 0.04, 16).astype(np.float32)[idx]
+    dist = np.abs(phase - np.floor(phase) - 0.25 - shift) - half  # < 0 inside a rib (~40 % of a period)
+    band = 1.0 - _smoothstep(-0.06, 0.04, dist)
+    cortex = np.exp(-((dist + 0.03) * (1 / 0.04)) ** 2)
+    n_ribs = int(rng.integers(9, 11))
+    ribs = ((0.75 * band + 0.25 * cortex) * ((phase >= 0) & (phase < n_ribs))
+            * _smoothstep(spine_w * 0.9, spine_w * 1.4, AX) * (1.0 - _smoothstep(0.82, 1.0, lat))
+            * (1.0 - 0.7 * _smoothstep(dome_y - 0.05, dome_y + 0.1, Y)))
+    a_phase = (Y - rib_start - 0.18 + rng.uniform(0.25, 0.4) * lat) / (spacing * 1.3)
+    ant = ((1.0 - _smoothstep(-0.04, 0.06, np.abs(a_phase - np.floor(a_phase) - 0.2) - 0.12))
+           * ((a_phase >= 0) & (a_phase < 5)) * _smoothstep(0.25, 0.45, lat)
+           * (1.0 - _smoothstep(0.8, 0.95, lat)))
+    return ribs, ant
+
+
+def _layers(rng: np.random.Generator, size: int, body, body_thick, dense, trachea, bone_maps, rib_maps):
+    """Weight the half-resolution maps into ``(tissue, bones, ribs)`` attenuation, upsampled to ``size``."""
+    spine, ped, clav = bone_maps
+    ribs, ant = rib_maps
+    rho = rng.uniform(0.66, 0.76)
+    tissue = body * rho * (1.0 + rng.uniform(0.14, 0.2) * dense - 0.06 * trachea)
+    bones = (rng.uniform(0.03, 0.05) * spine + 0.02 * ped) * body_thick + rng.uniform(0.07, 0.1) * clav
+    ribs = (rng.uniform(0.07, 0.1) * ribs + 0.03 * ant) * body_thick
+    up = (size, size)
+    return tuple(cv2.resize(a.astype(np.float32), up, interpolation=cv2.INTER_LINEAR)
+                 for a in (tissue, bones, ribs))
+
+
+def _lung_params(rng: np.random.Generator, f: dict):
+    """Outline parameters (see :func:`_lung_outline`) of the right and the left lung."""
+    y_apex, y_base_l, y_base_r, mw = f["y_apex"], f["y_base_l"], f["y_base_r"], f["mw"]
+    common = dict(x_med=-mw, hilum_bulge=rng.uniform(0.0, 0.03))
+    right = dict(common, y_apex=y_apex + rng.normal(0, 0.015), x_apex=-rng.uniform(0.26, 0.33),
+                 x_lat=-(f["w_torso"] - rng.uniform(0.08, 0.12)), y_cp=y_base_r + rng.uniform(0.05, 0.1),
+                 y_med_base=y_base_r, dome=rng.uniform(0.1, 0.17))
+    left = dict(common, y_apex=y_apex + rng.normal(0.01, 0.015), x_apex=-rng.uniform(0.26, 0.33),
+                x_lat=-(f["w_torso"] - rng.uniform(0.09, 0.13)), y_cp=y_base_l + rng.uniform(0.05, 0.1),
+                y_med_base=y_base_l, dome=rng.uniform(0.08, 0.14))
+    left["x_med"] = -(mw + rng.uniform(0.0, 0.02))
+    return right, left
+
+
+def _lung_labels(rng: np.random.Generator, size: int, f: dict, heart_geometry) -> np.ndarray:
+    """Lung labels (1 right = image left, 2 left), full resolution, with the heart cut out."""
+    right, left = _lung_params(rng, f)
+    lung_r = _poly_mask(_lung_outline(rng, -1, right), size)
+    lung_l = _poly_mask(_lung_outline(rng, +1, left), size)
+    heart_hard = _heart_mask(size, heart_geometry)
+    lung_r[heart_hard > 0] = 0
+    lung_l[heart_hard > 0] = 0
+    for m in (lung_r, lung_l):  # keep the largest part (the heart may cut off a sliver)
+        _keep_largest(m)
+    lung_l[lung_r > 0] = 0
+    return lung_r + 2 * lung_l
+
+
+def _lung_softness(lung_lab: np.ndarray):
+    """Soft lung mask and depth profile (the periphery is thinner, hence less dark): ``(soft, depth)``."""
+    S = lung_lab.shape[0]
+    lung_bin = (lung_lab > 0).astype(np.uint8)
+    lung_soft = _blur(lung_bin.astype(np.float32), max(0.6, 1.2 * S / 256))
+    depth = cv2.distanceTransform(lung_bin, cv2.DIST_L2, 3) * (1.0 / (0.07 * S))
+    depth = 0.5 + 0.5 * _blur(np.minimum(depth, 1.0).astype(np.float32), 1.5 * S / 256)
+    return lung_soft, depth
+
+
+def _vessels(rng: np.random.Generator, size: int, X, Y, mw):
+    """Vessel trees fanning out from both hila, and the hilar shadows: ``(vessels, hila)`` at full size."""
+    hila = [(-mw - rng.uniform(0.04, 0.09), rng.uniform(-0.2, -0.05)),
+            (mw + rng.uniform(0.06, 0.1), rng.uniform(-0.18, -0.03))]
+    vessels = np.maximum(_vessel_tree(rng, size, hila[0], np.pi + rng.normal(0, 0.1)),
+                         _vessel_tree(rng, size, hila[1], rng.normal(0, 0.1)))
+    vessels = _blur(vessels, 0.9 * size / 256)
+    hil = np.zeros(X.shape, np.float32)
+    for hx_, hy_ in hila:
+        hil += np.exp(-(((X - hx_) * (1 / 0.06)) ** 2 + ((Y - hy_) * (1 / 0.1)) ** 2))
+    return vessels, cv2.resize(hil, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _attenuation(rng: np.random.Generator, layers, vascular, lung_soft, depth):
+    """Combine tissue, bones, ribs and vessels with the darkening of the aerated lungs."""
+    tissue, bones, ribs = layers
+    vessels, hil = vascular
+    lung_dark = rng.uniform(0.6, 0.7)
+    # ribs show mostly over the lungs (over dense tissue they drown in the window)
+    att = tissue * (1.0 - lung_dark * lung_soft * depth) + bones + ribs * (0.3 + 0.7 * lung_soft)
+    att += (rng.uniform(0.05, 0.08) * vessels + 0.05 * hil) * lung_soft
+    return att
+
+
+def _gastric_bubble(rng: np.random.Generator, att: np.ndarray, y_base_l) -> np.ndarray:
+    """Half of the time, a gastric air bubble under the left dome (subtracted from ``att`` in place)."""
+    if rng.random() < 0.5:
+        S = att.shape[0]
+        gx, gy = rng.uniform(0.3, 0.5), y_base_l + rng.uniform(0.1, 0.16)
+        gp = _to_px([[gx, gy]], S)[0]
+        bub = np.zeros((S, S), np.float32)
+        cv2.ellipse(bub, (int(gp[0]), int(gp[1])), (int(rng.uniform(0.05, 0.09) * S / 2), int(0.04 * S / 2)),
+                    0, 0, 360, 1.0, -1)
+        att -= 0.08 * _blur(bub, 2.0 * S / 256)
+    return att
+
+
+def _pose(rng: np.random.Generator, att, lung_lab, lung_soft):
+    """Random rotation, scale and shift of the attenuation and of the lung maps (one part per lung)."""
+    S = att.shape[0]
+    up = (S, S)
+    M = cv2.getRotationMatrix2D((S / 2 - 0.5, S / 2 - 0.5), rng.uniform(-4.0, 4.0), rng.uniform(0.95, 1.04))
+    M[:, 2] += rng.uniform(-0.03, 0.03, 2) * S
+    att = cv2.warpAffine(att, M, up, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    lung_lab = cv2.warpAffine(lung_lab, M, up, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
+    lung_soft = cv2.warpAffine(lung_soft, M, up, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    for k in (1, 2):  # nearest-neighbour resampling may detach a one-pixel sliver: one part per lung
+        m = (lung_lab == k).view(np.uint8)
+        lung_lab[m > _keep_largest(m.copy())] = 0
+    return att, lung_lab, lung_soft
+
+
+def _add_lesions(rng: np.random.Generator, att, lung_lab, lung_soft, lesions: int) -> np.ndarray:
+    """Add ``lesions`` opacities to ``att`` (in place) inside the posed lungs; returns the lesion mask."""
+    S = att.shape[0]
+    lesion_mask = np.zeros((S, S), bool)
+    sides = [k for k in (1, 2) if (lung_lab == k).any()]
+    for _ in range(lesions):
+        lung_k = (lung_lab == sides[int(rng.integers(len(sides)))]).astype(np.uint8)
+        opac, shape, (y0, x0) = _lesion(rng, lung_k)
+        ph, pw = opac.shape
+        win = (slice(y0, y0 + ph), slice(x0, x0 + pw))
+        att[win] += rng.uniform(0.2, 0.32) * opac * lung_soft[win]
+        lesion_mask[win] |= shape & (lung_k[win] > 0)
+    if lesions and not lesion_mask.any():  # pragma: no cover - a lesion centre is always in a lung
+        raise RuntimeError("lesion fell outside the lungs")
+    return lesion_mask
+
+
+def _expose(rng: np.random.Generator, att: np.ndarray) -> np.ndarray:
+    """Exposure: smooth intensity variation, film grain, percentile window, gamma -> ``uint8`` image."""
+    S = att.shape[0]
+    att *= 1.0 + rng.uniform(0.03, 0.07) * _smooth_noise(rng, S, 4)
+    grain = _blur(rng.standard_normal((S, S), dtype=np.float32), 0.5 * S / 256)
+    att += rng.uniform(0.008, 0.016) * grain
+    lo, hi = np.percentile(att[:: 2, :: 2], [0.5, 99.8])
+    img = np.clip((att - lo) * (1.0 / (hi - lo + 1e-6)), 0.0, 1.0) ** rng.uniform(0.8, 1.25)
+    img = rng.uniform(0.0, 0.06) + rng.uniform(0.88, 0.98) * img
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
 # the phantom
 # --------------------------------------------------------------------------------------------------
 
@@ -236,191 +504,24 @@ def make_phantom(rng: np.random.Generator, size: int = 256, lesions: int = 0):
     lesions = int(lesions)
     if lesions < 0:
         raise ValueError(f"lesions must be >= 0, got {lesions}")
-    S = size
-    Sw = max(32, S // 2)  # smooth anatomy is computed at half resolution, then upsampled
-    c = ((np.arange(Sw, dtype=np.float32) + 0.5) * (2.0 / Sw) - 1.0).astype(np.float32)
-    X, Y = np.meshgrid(c, c)
-    AX = np.abs(X)
-
-    # ---- random anatomy parameters (canonical frame, x and y in [-1, 1]) ---------------------------
-    w_torso = rng.uniform(0.8, 0.9)
-    y_sh = rng.uniform(-0.62, -0.5)  # where the shoulders reach full width
-    y_neck = y_sh - rng.uniform(0.3, 0.42)
-    w_neck = rng.uniform(0.16, 0.22)
-    taper = rng.uniform(-0.04, 0.05)
-    y_apex = y_sh - rng.uniform(0.08, 0.16)
-    y_base_l = rng.uniform(0.36, 0.5)  # patient's left (image right): lower dome
-    y_base_r = y_base_l - rng.uniform(0.03, 0.1)  # patient's right: higher dome (liver)
-    mw = rng.uniform(0.1, 0.14)  # half-width of the mediastinum at the hila
-
-    # ---- body outline: torso, shoulders, neck, optional arms -----------------------------------
-    t_sh = np.clip((Y - y_neck) / (y_sh - y_neck), 0.0, 1.0)
-    half_w = w_neck + (w_torso + 0.06 - w_neck) * np.sin(0.5 * np.pi * t_sh) ** 0.7
-    low = np.clip((Y - y_sh) / (1.0 - y_sh), 0.0, 1.0)
-    half_w = np.where(Y > y_sh, w_torso + 0.06 - (0.06 + taper) * low, half_w)
-    xr = AX / half_w
-    body_thick = np.clip(1.0 - xr * xr, 0.0, 1.0) ** 0.3  # cylinder-like: flat inside, clear edge
-    body = body_thick
-    if rng.random() < 0.6:  # arms beside the torso, separated by a dark gap
-        arm_in = w_torso + 0.06 + rng.uniform(0.03, 0.08)
-        arm_y0 = y_sh + rng.uniform(0.05, 0.15)
-        arm = (_smoothstep(arm_in, arm_in + 0.03, AX) * _smoothstep(arm_y0, arm_y0 + 0.15, Y)
-               * (0.55 + 0.3 * _smoothstep(arm_in, arm_in + 0.2, AX)))
-        body = np.maximum(body, arm)
-
-    # ---- heart: ellipse bulging to the image right, resting on the left dome --------------------
-    hc_x = rng.uniform(0.06, 0.14)
-    h_ax = rng.uniform(0.28, 0.35)
-    h_ay = rng.uniform(0.21, 0.26)
-    hc_y = y_base_l - h_ay * rng.uniform(0.45, 0.7)
-    h_rot = rng.uniform(-30, -12)
-    cr, sr = np.cos(np.deg2rad(h_rot)), np.sin(np.deg2rad(h_rot))
-    hx, hy = X - hc_x, Y - hc_y
-    hu = (hx * cr + hy * sr) / h_ax
-    hv = (-hx * sr + hy * cr) / h_ay
-    heart = 1.0 - _smoothstep(0.8, 1.05, hu * hu + hv * hv)
-
-    # ---- mediastinum, abdomen, spine ----------------------------------------------------------
-    med_half = mw + 0.03 + 0.04 * _smoothstep(-0.2, 0.4, Y) + 0.03 * np.exp(-((Y + 0.33) / 0.08) ** 2)
-    mediast = ((1.0 - _smoothstep(med_half - 0.04, med_half + 0.02, np.abs(X + 0.015)))
-               * _smoothstep(y_apex - 0.15, y_apex + 0.1, Y))
-    # trachea: a dark air column in the upper mediastinum, down to the carina
-    carina = rng.uniform(-0.3, -0.18)
-    trachea = ((1.0 - _smoothstep(0.02, 0.035, np.abs(X - 0.01)))
-               * (1.0 - _smoothstep(carina - 0.05, carina, Y)))
-    dome_y = np.where(X < 0, y_base_r, y_base_l)
-    abdomen = _smoothstep(dome_y - 0.2, dome_y + 0.0, Y)
-    dense = np.maximum(np.maximum(mediast, heart), 1.1 * abdomen)
-    spine_w = rng.uniform(0.055, 0.075)
-    vert_period = rng.uniform(0.085, 0.11)
-    vert = 0.5 + 0.5 * np.cos((2 * np.pi / vert_period) * (Y - rng.uniform(0, 1)))
-    spine = ((1.0 - _smoothstep(spine_w * 0.75, spine_w * 1.1, AX)) * (0.75 + 0.25 * vert * vert)
-             * (0.5 + 0.5 * _smoothstep(y_neck, y_apex, Y)))
-    ped = np.exp(-((AX - spine_w * 0.7) * (1 / 0.014)) ** 2) * (vert ** 4)
-
-    # ---- clavicles: S-shaped bands from the sternal end out and up to the shoulders ----------------
-    cl_y0 = y_apex + rng.uniform(0.03, 0.1)
-    cl_x0, cl_x1 = rng.uniform(0.05, 0.1), rng.uniform(0.55, 0.7)
-    s = (AX - cl_x0) / (cl_x1 - cl_x0)
-    cl_y = cl_y0 - rng.uniform(0.04, 0.12) * s + 0.015 * np.sin(2 * np.pi * s)
-    cl_th = rng.uniform(0.028, 0.038) * (1.0 + 0.3 * np.clip(1 - s, 0, 1))
-    clav = ((1.0 - _smoothstep(0.55, 1.0, np.abs(Y - cl_y) / cl_th)) * _smoothstep(-0.05, 0.05, s)
-            * (1.0 - _smoothstep(0.9, 1.05, s)))
-
-    # ---- ribs: posterior (curved, periodic) and fainter anterior bands --------------------------
-    lat = AX / w_torso  # 0 at the spine, 1 at the chest wall
-    rib_curve = rng.uniform(0.4, 0.55) * lat * lat - rng.uniform(0.12, 0.2) * lat
-    rib_start = y_apex - rng.uniform(0.02, 0.08)
-    spacing = rng.uniform(0.1, 0.12) * (1.0 + 0.3 * _smoothstep(-0.8, 0.6, Y))
-    phase = (Y - rib_start - rib_curve) / spacing
-    idx = np.clip(np.floor(phase), 0, 15).astype(np.intp)
-    half = (rng.uniform(0.17, 0.24, 16) * (1.0 + 0.02 * np.arange(16))).astype(np.float32)[idx]
-    shift = rng.normal(0, 0.04, 16).astype(np.float32)[idx]
-    dist = np.abs(phase - np.floor(phase) - 0.25 - shift) - half  # < 0 inside a rib (~40 % of a period)
-    band = 1.0 - _smoothstep(-0.06, 0.04, dist)
-    cortex = np.exp(-((dist + 0.03) * (1 / 0.04)) ** 2)
-    n_ribs = int(rng.integers(9, 11))
-    ribs = ((0.75 * band + 0.25 * cortex) * ((phase >= 0) & (phase < n_ribs))
-            * _smoothstep(spine_w * 0.9, spine_w * 1.4, AX) * (1.0 - _smoothstep(0.82, 1.0, lat))
-            * (1.0 - 0.7 * _smoothstep(dome_y - 0.05, dome_y + 0.1, Y)))
-    a_phase = (Y - rib_start - 0.18 + rng.uniform(0.25, 0.4) * lat) / (spacing * 1.3)
-    ant = ((1.0 - _smoothstep(-0.04, 0.06, np.abs(a_phase - np.floor(a_phase) - 0.2) - 0.12))
-           * ((a_phase >= 0) & (a_phase < 5)) * _smoothstep(0.25, 0.45, lat)
-           * (1.0 - _smoothstep(0.8, 0.95, lat)))
-
-    # ---- smooth attenuation maps at half resolution -------------------------------------------
-    rho = rng.uniform(0.66, 0.76)
-    tissue = body * rho * (1.0 + rng.uniform(0.14, 0.2) * dense - 0.06 * trachea)
-    bones = (rng.uniform(0.03, 0.05) * spine + 0.02 * ped) * body_thick + rng.uniform(0.07, 0.1) * clav
-    ribs = (rng.uniform(0.07, 0.1) * ribs + 0.03 * ant) * body_thick
-    up = (S, S)
-    tissue = cv2.resize(tissue.astype(np.float32), up, interpolation=cv2.INTER_LINEAR)
-    bones = cv2.resize(bones.astype(np.float32), up, interpolation=cv2.INTER_LINEAR)
-    ribs = cv2.resize(ribs.astype(np.float32), up, interpolation=cv2.INTER_LINEAR)
-
-    # ---- lungs (full resolution polygons) --------------------------------------------------------
-    common = dict(x_med=-mw, hilum_bulge=rng.uniform(0.0, 0.03))
-    right = dict(common, y_apex=y_apex + rng.normal(0, 0.015), x_apex=-rng.uniform(0.26, 0.33),
-                 x_lat=-(w_torso - rng.uniform(0.08, 0.12)), y_cp=y_base_r + rng.uniform(0.05, 0.1),
-                 y_med_base=y_base_r, dome=rng.uniform(0.1, 0.17))
-    left = dict(common, y_apex=y_apex + rng.normal(0.01, 0.015), x_apex=-rng.uniform(0.26, 0.33),
-                x_lat=-(w_torso - rng.uniform(0.09, 0.13)), y_cp=y_base_l + rng.uniform(0.05, 0.1),
-                y_med_base=y_base_l, dome=rng.uniform(0.08, 0.14))
-    left["x_med"] = -(mw + rng.uniform(0.0, 0.02))
-    lung_r = _poly_mask(_lung_outline(rng, -1, right), S)
-    lung_l = _poly_mask(_lung_outline(rng, +1, left), S)
-    heart_hard = np.zeros((S, S), np.uint8)
-    hp = _to_px([[hc_x, hc_y]], S)[0]
-    cv2.ellipse(heart_hard, (int(round(hp[0] * 16)), int(round(hp[1] * 16))),
-                (int(round(h_ax * 0.95 * S / 2 * 16)), int(round(h_ay * 0.95 * S / 2 * 16))),
-                h_rot, 0, 360, 1, -1, cv2.LINE_8, 4)
-    lung_r[heart_hard > 0] = 0
-    lung_l[heart_hard > 0] = 0
-    for m in (lung_r, lung_l):  # keep the largest part (the heart may cut off a sliver)
-        _keep_largest(m)
-    lung_l[lung_r > 0] = 0
-    lung_lab = lung_r + 2 * lung_l
-    lung_bin = (lung_lab > 0).astype(np.uint8)
-    lung_soft = _blur(lung_bin.astype(np.float32), max(0.6, 1.2 * S / 256))
-    # the lung periphery is thinner, hence less dark: distance-to-edge profile
-    depth = cv2.distanceTransform(lung_bin, cv2.DIST_L2, 3) * (1.0 / (0.07 * S))
-    depth = 0.5 + 0.5 * _blur(np.minimum(depth, 1.0).astype(np.float32), 1.5 * S / 256)
-
-    # ---- vessels and hila ----------------------------------------------------------------------
-    hila = [(-mw - rng.uniform(0.04, 0.09), rng.uniform(-0.2, -0.05)),
-            (mw + rng.uniform(0.06, 0.1), rng.uniform(-0.18, -0.03))]
-    vessels = np.maximum(_vessel_tree(rng, S, hila[0], np.pi + rng.normal(0, 0.1)),
-                         _vessel_tree(rng, S, hila[1], rng.normal(0, 0.1)))
-    vessels = _blur(vessels, 0.9 * S / 256)
-    hil = np.zeros((Sw, Sw), np.float32)
-    for hx_, hy_ in hila:
-        hil += np.exp(-(((X - hx_) * (1 / 0.06)) ** 2 + ((Y - hy_) * (1 / 0.1)) ** 2))
-    hil = cv2.resize(hil, up, interpolation=cv2.INTER_LINEAR)
-
-    # ---- attenuation ------------------------------------------------------------------------
-    lung_dark = rng.uniform(0.6, 0.7)
-    # ribs show mostly over the lungs (over dense tissue they drown in the window)
-    att = tissue * (1.0 - lung_dark * lung_soft * depth) + bones + ribs * (0.3 + 0.7 * lung_soft)
-    att += (rng.uniform(0.05, 0.08) * vessels + 0.05 * hil) * lung_soft
-    if rng.random() < 0.5:  # gastric air bubble under the left dome
-        gx, gy = rng.uniform(0.3, 0.5), y_base_l + rng.uniform(0.1, 0.16)
-        gp = _to_px([[gx, gy]], S)[0]
-        bub = np.zeros((S, S), np.float32)
-        cv2.ellipse(bub, (int(gp[0]), int(gp[1])), (int(rng.uniform(0.05, 0.09) * S / 2), int(0.04 * S / 2)),
-                    0, 0, 360, 1.0, -1)
-        att -= 0.08 * _blur(bub, 2.0 * S / 256)
-
-    # ---- random pose (rotation, scale, shift) -----------------------------------------------------
-    M = cv2.getRotationMatrix2D((S / 2 - 0.5, S / 2 - 0.5), rng.uniform(-4.0, 4.0), rng.uniform(0.95, 1.04))
-    M[:, 2] += rng.uniform(-0.03, 0.03, 2) * S
-    att = cv2.warpAffine(att, M, up, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    lung_lab = cv2.warpAffine(lung_lab, M, up, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
-    lung_soft = cv2.warpAffine(lung_soft, M, up, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    for k in (1, 2):  # nearest-neighbour resampling may detach a one-pixel sliver: one part per lung
-        m = (lung_lab == k).view(np.uint8)
-        lung_lab[m > _keep_largest(m.copy())] = 0
-
-    # ---- lesions (drawn in image space inside the posed lungs) -------------------------------------
-    lesion_mask = np.zeros((S, S), bool)
-    sides = [k for k in (1, 2) if (lung_lab == k).any()]
-    for _ in range(lesions):
-        lung_k = (lung_lab == sides[int(rng.integers(len(sides)))]).astype(np.uint8)
-        opac, shape, (y0, x0) = _lesion(rng, lung_k)
-        ph, pw = opac.shape
-        win = (slice(y0, y0 + ph), slice(x0, x0 + pw))
-        att[win] += rng.uniform(0.2, 0.32) * opac * lung_soft[win]
-        lesion_mask[win] |= shape & (lung_k[win] > 0)
-    if lesions and not lesion_mask.any():  # pragma: no cover - a lesion centre is always in a lung
-        raise RuntimeError("lesion fell outside the lungs")
-
-    # ---- exposure: smooth variation, film grain, window, gamma -------------------------------------
-    att *= 1.0 + rng.uniform(0.03, 0.07) * _smooth_noise(rng, S, 4)
-    grain = _blur(rng.standard_normal((S, S), dtype=np.float32), 0.5 * S / 256)
-    att += rng.uniform(0.008, 0.016) * grain
-    lo, hi = np.percentile(att[:: 2, :: 2], [0.5, 99.8])
-    img = np.clip((att - lo) * (1.0 / (hi - lo + 1e-6)), 0.0, 1.0) ** rng.uniform(0.8, 1.25)
-    img = rng.uniform(0.0, 0.06) + rng.uniform(0.88, 0.98) * img
-    image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # the steps draw from rng in this order: reordering them changes every phantom
+    X, Y, AX = _grid(size)
+    f = _frame(rng)
+    dome_y = np.where(X < 0, f["y_base_r"], f["y_base_l"])
+    body, body_thick = _body(rng, Y, AX, f)
+    heart, heart_geometry = _heart(rng, X, Y, f)
+    dense, trachea = _mediastinum(rng, X, Y, f, heart, dome_y)
+    spine, ped, spine_w = _spine(rng, Y, AX, f)
+    clav = _clavicles(rng, Y, AX, f)
+    rib_maps = _ribs(rng, Y, AX, f, spine_w, dome_y)
+    layers = _layers(rng, size, body, body_thick, dense, trachea, (spine, ped, clav), rib_maps)
+    lung_lab = _lung_labels(rng, size, f, heart_geometry)
+    lung_soft, depth = _lung_softness(lung_lab)
+    vascular = _vessels(rng, size, X, Y, f["mw"])
+    att = _gastric_bubble(rng, _attenuation(rng, layers, vascular, lung_soft, depth), f["y_base_l"])
+    att, lung_lab, lung_soft = _pose(rng, att, lung_lab, lung_soft)
+    lesion_mask = _add_lesions(rng, att, lung_lab, lung_soft, lesions)
+    image = _expose(rng, att)
     return image, lesion_mask.astype(np.uint8) * 255, lung_lab
 
 
@@ -440,7 +541,7 @@ def phantom_name(split: str, index: int) -> str:
 
 def _expected_manifest(n_train: int, n_test_healthy: int, n_test_diseased: int, size: int, seed: int) -> dict:
     return {
-        "generator": "scripts.demo_data",
+        "generator": "scripts.data.phantoms",
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "size": int(size),
@@ -550,7 +651,7 @@ def ensure_demo_dataset(root, **kw) -> Path:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(
-        prog="python -m scripts.demo_data",
+        prog="python -m scripts.data.phantoms",
         description="Write procedural chest-radiograph phantoms in the dataset folder convention "
                     "(for smoke runs and tests, NOT for judging accuracy).")
     ap.add_argument("--out", default="demo_data", help="dataset root (default: demo_data)")

@@ -1,9 +1,8 @@
-"""ART-ASyn texture-brush anomaly synthesis (fast numpy/OpenCV implementation) and its MONAI wrapper.
+"""ART-ASyn texture-brush anomaly synthesis (fast numpy/OpenCV implementation) and its MONAI transforms.
 
 ``synthesize_artasyn`` paints a lung-opacity-like anomaly into a healthy chest X-ray and returns the
-synthetic image with its binary anomaly mask, following the published method
-(docs: ``shared/notes/reference-algorithms.md`` section 2; paper section 3.2.1 and supplementary
-section 1):
+synthetic image with its binary anomaly mask, following the published method (paper Sec. 3.2.1 and
+supplementary Sec. 1; full reference in ``docs/README.md``):
 
 1. **Strokes.** Per lung, the number of strokes is drawn from {0..4, 10..14} (p(0) = 0.2, the other
    nine values 0.8/9 each), redrawn while both lungs get 0; a lung side without pixels gets none.
@@ -15,16 +14,16 @@ section 1):
    with alpha scaled by ``U(0.07, 0.3) x U(0.67, 1)`` (opacity x flow). Stamps are alpha-composited
    ("over") into the stroke, the stroke alpha is scaled by 0.95, and strokes are composited into
    ``A_base``. The layer colour is the image's 85th intensity percentile.
-2. **T_blur / T_cryst.** ``A_base`` blurred with Gaussian radius 8; Voronoi crystallisation of
-   ``A_base`` with 500 uniformly random seeds (every pixel takes the mean colour and mean alpha of its
-   cell); the crystallised layer blurred with radius 3. Alphas are scaled (base x0.4, cryst x0.5,
-   cryst-blurred x0.5) and ``A_base`` is over-composited with blurred, cryst, cryst-blurred, cryst,
-   blurred, in that order.
-3. **T_rib.** Soft lung weight = lung mask (both lungs) dilated with a 7 x 7 square, then Gaussian
+2. **T_blur.** ``A_base`` blurred with Gaussian radius 8.
+3. **T_cryst.** Voronoi crystallisation of ``A_base`` with 500 uniformly random seeds (every pixel takes
+   the mean colour and mean alpha of its cell); the crystallised layer blurred with radius 3.
+   **Composition:** alphas are scaled (base x0.4, cryst x0.5, cryst-blurred x0.5) and ``A_base`` is
+   over-composited with blurred, cryst, cryst-blurred, cryst, blurred, in that order.
+4. **T_rib.** Soft lung weight = lung mask (both lungs) dilated with a 7 x 7 square, then Gaussian
    blurred with a 31 x 31 kernel (OpenCV's default sigma for that size, 5 px). ``rib_contrast = 0.5 +
    0.5 x image``. ``alpha = min(1, alpha x rib_contrast x weight x 1.5)``.
-4. The layer is composited over the image and the pixel-wise maximum with the original is taken
-   (an anomaly only ever brightens). ``mask = alpha > 80/255``.
+5. **Composite.** The layer is composited over the image and the pixel-wise maximum with the original
+   is taken (an anomaly only ever brightens). ``mask = alpha > 80/255``.
 
 ``steps`` selects the supplementary Table S1 ablation: ``"base"`` (``A_base`` composited as is: no
 0.4 scaling, no lung weighting, no x1.5), ``"base+blur+cryst"`` (the six-layer composite, no T_rib)
@@ -54,8 +53,8 @@ Conventions and implementation choices
   seed count is kept at 500: cells then cover the same fraction of the image at every size.
 * Computation is in float32 with continuous values (the reference rounds to uint8 after every step).
 
-Speed tricks (≈3 images/s for the reference code vs. the figures of ``scripts/benchmark_artasyn.py``)
-----------------------------------------------------------------------------------------------------
+Speed tricks (≈3 images/s for the reference code vs. ``python -m scripts.benchmarks.artasyn``)
+---------------------------------------------------------------------------------------------
 * **Stamp bank.** Rotated/resized brush stamps are precomputed once per (brush, base width, image
   scale) -- about 0.1 s and 4 MB per base width at 256 px -- for ``n_angles`` = 72 angles (5 deg
   steps; a stamp's angle is rounded to the nearest) and ``n_widths`` = 16 widths per base width, spaced
@@ -85,18 +84,16 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
-import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
 
-from custom_transforms.brush import make_brush
+from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd
+from custom_transforms.synthesis.brush import make_brush
 
-__all__ = ["ARTASynParams", "STEPS", "synthesize_artasyn", "soft_lung_weight", "ARTASynd"]
+__all__ = ["ARTASynParams", "STEPS", "synthesize_artasyn", "soft_lung_weight", "ARTASyn", "ARTASynd"]
 
 STEPS = ("base", "base+blur+cryst", "full")
 
@@ -288,6 +285,7 @@ def _brush_key(brush: np.ndarray):
 
 
 def _draw_stroke_counts(rng: np.random.Generator, has_side: Sequence[bool], p: ARTASynParams) -> list[int]:
+    """Step 1 (supp. Sec. 1): strokes per lung side, redrawn while every side gets 0."""
     counts = np.asarray(p.stroke_counts)
     n_other = int(np.count_nonzero(counts != 0))
     probs = np.where(counts == 0, p.p_zero / max(1, int(np.count_nonzero(counts == 0))),
@@ -301,7 +299,7 @@ def _draw_stroke_counts(rng: np.random.Generator, has_side: Sequence[bool], p: A
 
 def _paint_base(shape, side_points: Sequence[np.ndarray], counts: Sequence[int], brush: np.ndarray, brush_key,
                 rng: np.random.Generator, p: ARTASynParams, s: float) -> np.ndarray:
-    """A_base alpha: all strokes of all lungs, each stroke = "over" of its stamps, x stroke_opacity."""
+    """Step 1 (supp. Sec. 1), A_base alpha: every stroke = "over" of its stamps, x stroke_opacity."""
     H, W = shape
     banks = [_get_bank(brush, brush_key, bw * s, p) for bw in p.brush_widths]
     P = max(b.pad for b in banks)
@@ -359,7 +357,7 @@ def _paint_base(shape, side_points: Sequence[np.ndarray], counts: Sequence[int],
 
 
 def _voronoi_labels(shape, rng: np.random.Generator, n_seeds: int) -> tuple[np.ndarray, int]:
-    """Voronoi cells of ``n_seeds`` uniformly random seed pixels: int32 label map (labels 1..n) and n+1."""
+    """Step 3 (T_cryst): Voronoi cells of ``n_seeds`` random seed pixels; int32 labels 1..n and n+1."""
     H, W = shape
     src = np.ones((H, W), np.uint8)
     src[rng.integers(0, H, size=n_seeds), rng.integers(0, W, size=n_seeds)] = 0
@@ -376,15 +374,181 @@ def _over(dst_pa, dst_a, src_pa, src_a):
     dst_a += src_a
 
 
-def _validate(image: np.ndarray, lung: np.ndarray, steps: str):
+class _Box(NamedTuple):
+    """Half-open pixel box ``[y0, y1) x [x0, x1)``: the working region handed from step to step."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def sl(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+    def within(self, outer: "_Box") -> tuple[slice, slice]:
+        """This box's slices in the frame of ``outer`` (whose origin is ``(outer.y0, outer.x0)``)."""
+        return slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0)
+
+
+def _nonzero_box(a: np.ndarray) -> _Box | None:
+    """Bounding box of the non-zero pixels of ``a``, or None if there is none."""
+    rows, cols = np.nonzero(a.any(axis=1))[0], np.nonzero(a.any(axis=0))[0]
+    if rows.size == 0:
+        return None
+    return _Box(int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+
+
+def _check_steps(steps: str) -> str:
     if steps not in STEPS:
-        raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
+        raise ValueError(f"steps (synthesis_steps) must be one of {STEPS}, got {steps!r}")
+    return steps
+
+
+def _check_param_names(names, owner: str) -> None:
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(ARTASynParams)})
+    if unknown:
+        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of ARTASynParams")
+
+
+def _resolve_params(params: ARTASynParams | None, overrides: dict) -> ARTASynParams:
+    """``params`` (default: the published values, Sec. 3.2.1 / supp. Sec. 1) with single fields replaced."""
+    p = params or ARTASynParams()
+    if overrides:
+        _check_param_names(overrides, "synthesize_artasyn")
+        p = dataclasses.replace(p, **overrides)
+    return p
+
+
+def _validate(image: np.ndarray, lung: np.ndarray, steps: str):
+    _check_steps(steps)
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
     if lung.shape != image.shape:
         raise ValueError(f"lung label map shape {lung.shape} does not match image shape {image.shape}")
     if image.shape[0] < 8 or image.shape[1] < 8:
         raise ValueError(f"image too small for synthesis: {image.shape}")
+
+
+def _prepare_inputs(image, lung, steps: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Checked inputs: float32 image clipped to [0, 1], lung labels and each lung's pixels ``(x, y)``."""
+    image, lung = np.asarray(image), np.asarray(lung)
+    _validate(image, lung, steps)
+    img = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
+    if lung.dtype == bool:
+        lung = lung.astype(np.uint8)
+    if lung.size and (lung.min() < 0 or lung.max() > 2):
+        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
+                         f"got values in [{lung.min()}, {lung.max()}]")
+    sides = [np.argwhere(lung == lab)[:, ::-1] for lab in (1, 2)]  # (x, y) per lung side
+    if all(len(sp) == 0 for sp in sides):
+        raise ValueError("lung label map has no lung pixel: cannot place an ART-ASyn anomaly "
+                         "(segment the lungs first, or treat the sample as clean)")
+    return img, lung, sides
+
+
+def _resolve_brush(brush: np.ndarray | None) -> tuple[np.ndarray, Hashable]:
+    """Brush tip alpha in [0, 1] for step 1 (default :func:`make_brush`) and its stamp-bank cache key."""
+    if brush is None:
+        return make_brush(), ("default",)
+    brush = np.asarray(brush, np.float32)
+    if brush.ndim != 2 or brush.shape[0] < 2 or brush.shape[1] < 2:
+        raise ValueError(f"brush must be a 2-D alpha array, got shape {brush.shape}")
+    brush = np.clip(brush, 0.0, 1.0)
+    return brush, _brush_key(brush)
+
+
+def _cryst_cells(a0_full: np.ndarray, painted: _Box, rng: np.random.Generator, p: ARTASynParams):
+    """Step 3, T_cryst (supp. Sec. 1): Voronoi cells of random seeds, mean alpha and coverage per cell."""
+    labels, n_lab = _voronoi_labels(a0_full.shape, rng, p.cryst_seeds)  # cells are global
+    counts = np.bincount(labels.ravel(), minlength=n_lab).astype(np.float64)
+    counts[counts == 0] = 1.0
+    lab_p = labels[painted.sl].ravel()  # A_base is 0 outside the painted box
+    a0_p = a0_full[painted.sl]
+    mean_a = np.bincount(lab_p, weights=a0_p.ravel(), minlength=n_lab) / counts
+    mean_k = np.bincount(lab_p, weights=(a0_p >= _EMPTY_ALPHA).ravel(), minlength=n_lab) / counts
+    return labels, mean_a, mean_k
+
+
+def _work_box(painted: _Box, labels: np.ndarray, mean_a: np.ndarray, margin: int) -> _Box:
+    """Steps 2-3 region: the painted box and every painted Voronoi cell, plus ``margin`` (blur reach)."""
+    H, W = labels.shape
+    cells = _nonzero_box((mean_a > 0)[labels])
+    return _Box(max(min(painted.y0, cells.y0) - margin, 0), min(max(painted.y1, cells.y1) + margin, H),
+                max(min(painted.x0, cells.x0) - margin, 0), min(max(painted.x1, cells.x1) + margin, W))
+
+
+def _clip_box(box: _Box, weight: np.ndarray) -> _Box:
+    """Step 4 region: ``box`` within the soft lung weight's box (T_rib zeroes everything outside)."""
+    w = _nonzero_box(weight)
+    return _Box(max(box.y0, w.y0), min(box.y1, w.y1), max(box.x0, w.x0), min(box.x1, w.x1))
+
+
+def _t_blur(k0: np.ndarray, a0: np.ndarray, sigma: float, sl) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2, T_blur (Sec. 3.2.1): A_base's coverage and alpha Gaussian-blurred (one 2-channel call)."""
+    blurred = _blur(np.dstack([k0, a0]), sigma)
+    return blurred[..., 0][sl], blurred[..., 1][sl]
+
+
+def _t_cryst(lab: np.ndarray, mean_a: np.ndarray, mean_k: np.ndarray, sl, p: ARTASynParams, s: float):
+    """Step 3, T_cryst (supp. Sec. 1): crystal layer (cell means) and its blur, alphas x0.5 each."""
+    ac = mean_a.astype(np.float32)[lab]
+    kc = mean_k.astype(np.float32)[lab]
+    # coverage and alpha blurred independently, as Pillow does on an RGBA image
+    cb = _blur(np.dstack([kc, ac]), p.cryst_blur_radius * s)
+    return (kc[sl], ac[sl] * p.cryst_alpha), (cb[..., 0][sl], cb[..., 1][sl] * p.cryst_blur_alpha)
+
+
+def _compose_six(base, blurred, cryst, cryst_blurred, p: ARTASynParams) -> tuple[np.ndarray, np.ndarray]:
+    """Six-layer composition (supp. Sec. 1): A_base x0.4 <- blur <- cryst <- cryst-blur <- cryst <- blur."""
+    k0, a0 = base
+    (kb, ab), (kc, ac), (kcb, acb) = blurred, cryst, cryst_blurred
+    lay_b, lay_c, lay_cb = (kb * ab, ab), (kc * ac, ac), (kcb * acb, acb)  # (premultiplied K, alpha)
+    a_acc = a0 * p.base_alpha
+    pa_acc = k0 * a_acc
+    for lp, la in (lay_b, lay_c, lay_cb, lay_c, lay_b):
+        _over(pa_acc, a_acc, lp, la)
+    return pa_acc, a_acc
+
+
+def _t_rib(pa: np.ndarray, a: np.ndarray, img_r: np.ndarray, wgt_r: np.ndarray, p: ARTASynParams):
+    """Step 4, T_rib (Sec. 3.2.1): alpha x rib contrast x soft lung weight x brightness, at most 1."""
+    rib = p.rib_offset + (1.0 - p.rib_offset) * img_r
+    new_a = np.minimum(a * rib * wgt_r * p.brightness, 1.0)
+    # the colour is unchanged: the premultiplied colour scales with the alpha
+    scale = np.divide(new_a, a, out=np.zeros_like(new_a), where=a > 0)
+    return pa * scale, new_a
+
+
+def _textured_layer(a0_full, painted: _Box, img, lung, rng, p: ARTASynParams, s: float, full: bool):
+    """Steps 2-4 on the work box: T_blur, T_cryst, the six-layer composite and (``full``) T_rib."""
+    labels, mean_a, mean_k = _cryst_cells(a0_full, painted, rng, p)
+    reach = int(math.ceil(4 * max(p.blur_radius, p.cryst_blur_radius) * s)) + 1  # blurs: 4 sigma
+    box = _work_box(painted, labels, mean_a, reach)
+    wgt = soft_lung_weight(lung, p) if full else None
+    out = _clip_box(box, wgt) if full else box  # nothing survives outside the soft lung weight
+    sl = out.within(box)
+    a0 = a0_full[box.sl]
+    k0 = (a0 >= _EMPTY_ALPHA).astype(np.float32)
+    blurred = _t_blur(k0, a0, p.blur_radius * s, sl)
+    cryst, cryst_blurred = _t_cryst(labels[box.sl], mean_a, mean_k, sl, p, s)
+    pa, a = _compose_six((k0[sl], a0[sl]), blurred, cryst, cryst_blurred, p)
+    if full:
+        pa, a = _t_rib(pa, a, img[out.sl], wgt[out.sl], p)
+    return out, pa, a
+
+
+def _composite(img: np.ndarray, box: _Box | None, pa, a, colour: float, p: ARTASynParams):
+    """Step 5 (Sec. 3.2.1): layer over the image, lighten-only; returns synthetic, mask, alpha."""
+    synthetic = img.copy()
+    alpha = np.zeros(img.shape, np.float32)
+    if box is not None and box.y1 > box.y0 and box.x1 > box.x0:
+        alpha[box.sl] = a
+        i_r = img[box.sl]
+        comp = i_r * (1.0 - a) + colour * pa  # layer colour = colour x pa / a
+        synthetic[box.sl] = np.where(a > 0, np.clip(np.maximum(comp, i_r), 0.0, 1.0), i_r)
+    mask = (alpha > p.mask_threshold).astype(np.float32)
+    return synthetic, mask, alpha
 
 
 def synthesize_artasyn(
@@ -398,7 +562,7 @@ def synthesize_artasyn(
     return_alpha: bool = False,
     **overrides,
 ):
-    """Paint one ART-ASyn anomaly into ``image`` (see the module docstring for the method).
+    """Paint one ART-ASyn anomaly into ``image`` (paper Sec. 3.2.1, supp. Sec. 1; see the module docstring).
 
     Args:
         image: 2-D float array in [0, 1] (values outside are clipped), shape ``(H, W)``.
@@ -419,219 +583,68 @@ def synthesize_artasyn(
         ValueError: bad ``steps``, shapes, label values, or a lung map with no lung pixel.
         TypeError: an unknown parameter name.
     """
-    p = params or ARTASynParams()
-    if overrides:
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ARTASynParams)})
-        if unknown:
-            raise TypeError(f"synthesize_artasyn got unknown parameter(s) {unknown}; "
-                            f"valid names are the fields of ARTASynParams")
-        p = dataclasses.replace(p, **overrides)
-    image = np.asarray(image)
-    lung = np.asarray(lung)
-    _validate(image, lung, steps)
-    img = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
-    if lung.dtype == bool:
-        lung = lung.astype(np.uint8)
-    if lung.size and (lung.min() < 0 or lung.max() > 2):
-        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
-                         f"got values in [{lung.min()}, {lung.max()}]")
-    sides = [np.argwhere(lung == lab)[:, ::-1] for lab in (1, 2)]  # (x, y) per lung side
-    if all(len(sp) == 0 for sp in sides):
-        raise ValueError("lung label map has no lung pixel: cannot place an ART-ASyn anomaly "
-                         "(segment the lungs first, or treat the sample as clean)")
-    if brush is None:
-        brush, brush_key = make_brush(), ("default",)
-    else:
-        brush = np.asarray(brush, np.float32)
-        if brush.ndim != 2 or brush.shape[0] < 2 or brush.shape[1] < 2:
-            raise ValueError(f"brush must be a 2-D alpha array, got shape {brush.shape}")
-        brush = np.clip(brush, 0.0, 1.0)
-        brush_key = _brush_key(brush)
-
+    p = _resolve_params(params, overrides)
+    img, lung, sides = _prepare_inputs(image, lung, steps)
+    brush, brush_key = _resolve_brush(brush)
     H, W = img.shape
     s = math.sqrt(H * W) / p.reference_size
     colour = _percentile_u8(img, p.colour_percentile)
-
-    # 1. A_base
+    # 1. strokes -> A_base
     counts = _draw_stroke_counts(rng, [len(sp) > 0 for sp in sides], p)
     a0_full = _paint_base((H, W), sides, counts, brush, brush_key, rng, p, s)
-
-    alpha = np.zeros((H, W), np.float32)  # final layer alpha
-    rows, cols = np.nonzero(a0_full.any(axis=1))[0], np.nonzero(a0_full.any(axis=0))[0]
-    if rows.size == 0:  # nothing painted (e.g. an all-zero custom brush)
-        y0 = y1 = x0 = x1 = 0
+    painted = _nonzero_box(a0_full)
+    if painted is None:  # nothing painted (e.g. an all-zero custom brush)
+        box = pa = a = None
     elif steps == "base":  # A_base composited as painted
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        a_acc = a0_full[y0:y1, x0:x1]
-        pa_acc = (a_acc >= _EMPTY_ALPHA) * a_acc
-    else:
-        # T_cryst on the whole image (cells are global), statistics from the painted box only
-        py0, py1, px0, px1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        labels, n_lab = _voronoi_labels((H, W), rng, p.cryst_seeds)
-        counts = np.bincount(labels.ravel(), minlength=n_lab).astype(np.float64)
-        counts[counts == 0] = 1.0
-        lab_p = labels[py0:py1, px0:px1].ravel()
-        a0_p = a0_full[py0:py1, px0:px1]
-        mean_a = np.bincount(lab_p, weights=a0_p.ravel(), minlength=n_lab) / counts
-        mean_k = np.bincount(lab_p, weights=(a0_p >= _EMPTY_ALPHA).ravel(), minlength=n_lab) / counts
-        # work region: painted box and every painted cell, plus the reach of the blurs (4 sigma)
-        on = (mean_a > 0)[labels]
-        r2, c2 = np.nonzero(on.any(axis=1))[0], np.nonzero(on.any(axis=0))[0]
-        m = int(math.ceil(4 * max(p.blur_radius, p.cryst_blur_radius) * s)) + 1
-        y0, y1 = max(min(py0, int(r2[0])) - m, 0), min(max(py1, int(r2[-1]) + 1) + m, H)
-        x0, x1 = max(min(px0, int(c2[0])) - m, 0), min(max(px1, int(c2[-1]) + 1) + m, W)
-        if steps == "full":  # nothing survives outside the soft lung weight
-            wgt = soft_lung_weight(lung, p)
-            wr, wc = np.nonzero(wgt.any(axis=1))[0], np.nonzero(wgt.any(axis=0))[0]
-            oy0, oy1 = max(y0, int(wr[0])), min(y1, int(wr[-1]) + 1)
-            ox0, ox1 = max(x0, int(wc[0])), min(x1, int(wc[-1]) + 1)
-        else:
-            oy0, oy1, ox0, ox1 = y0, y1, x0, x1
-        a0 = a0_full[y0:y1, x0:x1]
-        k0 = (a0 >= _EMPTY_ALPHA).astype(np.float32)
-        lab = labels[y0:y1, x0:x1]
-        ac = mean_a.astype(np.float32)[lab]
-        kc = mean_k.astype(np.float32)[lab]
-        # T_blur and the blurred crystals (colour coverage and alpha blurred independently, like Pillow
-        # does on an RGBA image); cv2 blurs both channels in one call
-        blurred = _blur(np.dstack([k0, a0]), p.blur_radius * s)
-        cb = _blur(np.dstack([kc, ac]), p.cryst_blur_radius * s)
-        sl = (slice(oy0 - y0, oy1 - y0), slice(ox0 - x0, ox1 - x0))
-        kb, ab = blurred[..., 0][sl], blurred[..., 1][sl]
-        kcb, acb = cb[..., 0][sl], cb[..., 1][sl] * p.cryst_blur_alpha
-        a0, k0, kc = a0[sl], k0[sl], kc[sl]
-        ac = ac[sl] * p.cryst_alpha
-        y0, y1, x0, x1 = oy0, oy1, ox0, ox1
-        # composition: base (x0.4) <- blurred <- cryst (x0.5) <- cryst_blurred (x0.5) <- cryst <- blurred
-        lay_b, lay_c, lay_cb = (kb * ab, ab), (kc * ac, ac), (kcb * acb, acb)
-        a_acc = a0 * p.base_alpha
-        pa_acc = k0 * a_acc
-        for lp, la in (lay_b, lay_c, lay_cb, lay_c, lay_b):
-            _over(pa_acc, a_acc, lp, la)
-        if steps == "full":  # T_rib: alpha x rib contrast x soft lung weight x brightness, clipped
-            rib = p.rib_offset + (1.0 - p.rib_offset) * img[y0:y1, x0:x1]
-            new_a = np.minimum(a_acc * rib * wgt[y0:y1, x0:x1] * p.brightness, 1.0)
-            # the colour is unchanged: the premultiplied colour scales with the alpha
-            scale = np.divide(new_a, a_acc, out=np.zeros_like(new_a), where=a_acc > 0)
-            pa_acc = pa_acc * scale
-            a_acc = new_a
-
-    # 4. composite over the image (colour = c * pa / alpha), then lighten-only
-    synthetic = img.copy()
-    if y1 > y0 and x1 > x0:
-        alpha[y0:y1, x0:x1] = a_acc
-        i_r = img[y0:y1, x0:x1]
-        comp = i_r * (1.0 - a_acc) + colour * pa_acc
-        synthetic[y0:y1, x0:x1] = np.where(a_acc > 0, np.clip(np.maximum(comp, i_r), 0.0, 1.0), i_r)
-    mask = (alpha > p.mask_threshold).astype(np.float32)
-    if return_alpha:
-        return synthetic, mask, alpha
-    return synthetic, mask
+        box, a = painted, a0_full[painted.sl]
+        pa = (a >= _EMPTY_ALPHA) * a
+    else:  # 2.-4. T_blur, T_cryst, six-layer composite, T_rib
+        box, pa, a = _textured_layer(a0_full, painted, img, lung, rng, p, s, full=steps == "full")
+    # 5. composite, lighten-only, mask
+    synthetic, mask, alpha = _composite(img, box, pa, a, colour, p)
+    return (synthetic, mask, alpha) if return_alpha else (synthetic, mask)
 
 
 # ----------------------------------------------------------------------------------------------------
-# MONAI wrapper
+# MONAI transforms
 
 
-class ARTASynd(MapTransform, RandomizableTransform):
-    """Dictionary transform: ``d["synthetic"]``, ``d["mask"]`` = ART-ASyn anomaly of ``d["image"]``.
+class ARTASyn(AnomalySynthesis):
+    """Array ART-ASyn: ``(image, lung)`` ``(1, H, W)`` -> ``(synthetic, mask)`` ``(1, H, W)`` float32.
 
-    Reads ``d[key]`` (``(1, H, W)`` image in [0, 1]) and ``d[lung_key]`` (``(1, H, W)`` PBTSeg labels)
-    and writes ``d[synthetic_key]`` (``(1, H, W)`` float32) and ``d[mask_key]`` (``(1, H, W)`` float32
-    0/1), keeping the container type: a ``MetaTensor`` image gives ``MetaTensor`` outputs carrying a copy
-    of the image's metadata, numpy gives numpy (a plain tensor gives tensors).
-
-    With probability ``1 - prob`` -- or when the lung map is empty and ``on_empty_lung="clean"`` -- the
-    sample is clean: ``synthetic`` is a copy of the image and ``mask`` is all zeros. With
-    ``on_empty_lung="raise"`` an empty lung map raises ``ValueError``.
-
-    Randomness: every call draws one integer from ``self.R`` and seeds a ``numpy.random.Generator``
-    with it, so ``set_random_state(seed)`` reproduces results exactly. ``params`` (an
-    :class:`ARTASynParams`) and keyword ``**params`` set the synthesis parameters; ``brush`` an
-    optional custom brush tip.
+    Args:
+        steps: ``"base"``, ``"base+blur+cryst"`` or ``"full"`` (supplementary Table S1).
+        brush: optional custom brush tip alpha ``(h, w)`` in [0, 1].
+        params: an :class:`ARTASynParams`; keyword ``**kwargs`` (its field names) replace single fields.
+        prob / on_empty_lung: see :class:`~custom_transforms.synthesis.base.AnomalySynthesis`.
     """
 
-    backend = [MetaTensor.__name__]
-
-    def __init__(
-        self,
-        keys: KeysCollection = ("image",),
-        lung_key: str = "lung",
-        synthetic_key: str = "synthetic",
-        mask_key: str = "mask",
-        prob: float = 1.0,
-        steps: str = "full",
-        on_empty_lung: str = "clean",
-        brush: np.ndarray | None = None,
-        allow_missing_keys: bool = False,
-        params: ARTASynParams | None = None,
-        **kwargs,
-    ):
-        if not 0.0 <= float(prob) <= 1.0:
-            raise ValueError(f"ARTASynd prob (synthesis_prob) must be in [0, 1], got {prob!r}")
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        if len(self.keys) != 1:
-            raise ValueError(f"ARTASynd takes exactly one image key, got {self.keys}")
-        if steps not in STEPS:
-            raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
-        if on_empty_lung not in ("clean", "raise"):
-            raise ValueError(f"on_empty_lung must be 'clean' or 'raise', got {on_empty_lung!r}")
-        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ARTASynParams)})
-        if unknown:
-            raise TypeError(f"ARTASynd got unknown parameter(s) {unknown}; valid names are the fields of "
-                            f"ARTASynParams")
+    def __init__(self, steps: str = "full", brush: np.ndarray | None = None, params: ARTASynParams | None = None,
+                 prob: float = 1.0, on_empty_lung: str = "clean", **kwargs):
+        super().__init__(prob, on_empty_lung)
+        _check_param_names(kwargs, type(self).__name__)
+        self.steps = _check_steps(steps)
         self.params = dataclasses.replace(params or ARTASynParams(), **kwargs)
-        self.lung_key, self.synthetic_key, self.mask_key = lung_key, synthetic_key, mask_key
-        self.steps, self.on_empty_lung = steps, on_empty_lung
         self.brush = None if brush is None else np.asarray(brush, np.float32)
 
-    @staticmethod
-    def _to_2d(x, name: str) -> np.ndarray:
-        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim != 2:
-            raise ValueError(f"ARTASynd expects '{name}' of shape (1, H, W) or (H, W), "
-                             f"got {tuple(arr.shape)}")
-        return arr
+    def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator):
+        return synthesize_artasyn(image, lung, rng, steps=self.steps, brush=self.brush, params=self.params)
 
-    @staticmethod
-    def _like(arr: np.ndarray, ref):
-        arr = np.ascontiguousarray(arr[None], dtype=np.float32)
-        if isinstance(ref, MetaTensor):
-            out = MetaTensor(torch.from_numpy(arr), meta=dict(ref.meta))
-            return out.to(ref.device)
-        if isinstance(ref, torch.Tensor):
-            return torch.from_numpy(arr).to(ref.device)
-        return arr
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            if self.lung_key not in d:
-                if self.allow_missing_keys:
-                    continue
-                raise KeyError(f"ARTASynd: key '{self.lung_key}' (lung labels) is missing from the data "
-                               f"dictionary (keys: {list(d)})")
-            ref = d[key]
-            img = self._to_2d(ref, key)
-            lung = self._to_2d(d[self.lung_key], self.lung_key)
-            if lung.shape != img.shape:
-                raise ValueError(f"ARTASynd: '{self.lung_key}' shape {lung.shape} does not match "
-                                 f"'{key}' shape {img.shape}")
-            self.randomize(None)
-            seed = int(self.R.randint(2**31))  # always drawn: the random stream does not depend on data
-            synthetic, mask = None, None
-            if self._do_transform:
-                lung_u8 = np.rint(lung).astype(np.uint8) if lung.dtype.kind == "f" else lung.astype(np.uint8)
-                if (lung_u8 > 0).any() or self.on_empty_lung == "raise":
-                    synthetic, mask = synthesize_artasyn(
-                        img.astype(np.float32), lung_u8, np.random.default_rng(seed),
-                        steps=self.steps, brush=self.brush, params=self.params)
-            if synthetic is None:
-                synthetic = np.asarray(img, np.float32).copy()
-                mask = np.zeros(img.shape, np.float32)
-            d[self.synthetic_key] = self._like(synthetic, ref)
-            d[self.mask_key] = self._like(mask, ref)
-        return d
+class ARTASynd(AnomalySynthesisd):
+    """Dictionary ART-ASyn: ``d["synthetic"]``, ``d["mask"]`` = an ART-ASyn anomaly of ``d["image"]``.
+
+    Reads ``d[key]`` (``(1, H, W)`` image in [0, 1]) and ``d[lung_key]`` (``(1, H, W)`` PBTSeg labels);
+    writes ``d[synthetic_key]`` and ``d[mask_key]`` (``(1, H, W)`` float32, mask 0/1) in the image's
+    container. With probability ``1 - prob``, or an empty lung map and ``on_empty_lung="clean"``, the sample
+    is clean. ``set_random_state(seed)`` reproduces results exactly (forwarded to the :class:`ARTASyn` it
+    holds). Other arguments as :class:`ARTASyn`.
+    """
+
+    def __init__(self, keys: KeysCollection = ("image",), lung_key: str = "lung", synthetic_key: str = "synthetic",
+                 mask_key: str = "mask", prob: float = 1.0, steps: str = "full", on_empty_lung: str = "clean",
+                 brush: np.ndarray | None = None, allow_missing_keys: bool = False,
+                 params: ARTASynParams | None = None, **kwargs):
+        _check_param_names(kwargs, type(self).__name__)
+        synth = ARTASyn(steps=steps, brush=brush, params=params, on_empty_lung=on_empty_lung, **kwargs)
+        super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.metrics import (anomaly_map, calibrate_threshold, dice_micro, dice_per_image,
-                             dice_score, image_auroc_ap, image_score, paper_mask, pr_curve_points,
-                             roc_curve_points, threshold_mask)
+from custom_transforms.anomaly import anomaly_map, calibrate_threshold, image_score, paper_mask, threshold_mask
+from scripts.metrics import dice_micro, dice_per_image, dice_score, image_auroc_ap, pr_curve_points, roc_curve_points
 
 
 def test_anomaly_map_and_scores():

@@ -1,4 +1,4 @@
-"""Convert public chest X-ray datasets to the folder convention of :mod:`scripts.datasets`.
+"""Convert public chest X-ray datasets to the folder convention of :mod:`scripts.data.datasets`.
 
 Supported sources (point ``--src`` at the folder you downloaded):
 
@@ -16,7 +16,7 @@ a CSV (``--mode csv``, columns image,label,mask,split). ``--dry-run`` prints the
 
 Example::
 
-    python -m scripts.convert_datasets zhanglab --src ~/data/chest_xray --out data/zhanglab --dry-run
+    python -m scripts.data.convert zhanglab --src ~/data/chest_xray --out data/zhanglab --dry-run
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from scripts.datasets import list_images
+from scripts.data.datasets import list_images
 
 logger = logging.getLogger(__name__)
 

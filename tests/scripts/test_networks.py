@@ -10,8 +10,8 @@ from monai.networks import convert_to_torchscript
 from monai.networks.nets import UNet
 
 from scripts.networks import FeatureUNet, find_bottleneck
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from monai.data import MetaTensor, list_data_collate
 
-from custom_transforms.otsu_lung import OtsuLungSegd, otsu_lung_seg
-from custom_transforms.pbtseg import (LungNotFoundError, LungNotFoundWarning, PBTSegd, pbtseg,
-                                      pbtseg_reference, pbtseg_robust)
+from custom_transforms.lung.otsu import OtsuLungSegd, otsu_lung_seg
+from custom_transforms.lung import LungNotFoundError, LungNotFoundWarning
+from custom_transforms.lung.pbtseg import PBTSegd, pbtseg, pbtseg_reference, pbtseg_robust
+from tests.helpers import REAL_CXR
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
+DATA = REAL_CXR
 SEGMENTERS = {
     "reference": lambda x: pbtseg(x, mode="reference"),
     "robust": pbtseg,
@@ -205,7 +206,7 @@ def test_missing_lungs_behaviour():
 def load_real():
     if not DATA.is_dir():
         pytest.skip(f"real chest X-rays not found at {DATA} (see ../shared/data/cxr/README.md)")
-    from scripts.benchmark_pbtseg import load_dataset
+    from scripts.benchmarks.pbtseg import load_dataset
 
     return load_dataset(DATA)
 
@@ -217,7 +218,7 @@ def real():
 
 @pytest.mark.realdata
 def test_real_robust_targets(real):
-    from scripts.benchmark_pbtseg import evaluate_quality
+    from scripts.benchmarks.pbtseg import evaluate_quality
 
     q = evaluate_quality(pbtseg, real)
     assert q["n_nih"] == 297 and q["n_masks"] == 35
@@ -227,7 +228,7 @@ def test_real_robust_targets(real):
 
 @pytest.mark.realdata
 def test_real_robust_beats_reference_and_otsu(real):
-    from scripts.benchmark_pbtseg import evaluate_quality
+    from scripts.benchmarks.pbtseg import evaluate_quality
 
     sub = {"nih": real["nih"][::6], "lung_images": real["lung_images"], "lung_masks": real["lung_masks"]}
     robust = evaluate_quality(pbtseg, sub)

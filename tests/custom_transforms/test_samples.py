@@ -5,9 +5,9 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 
-from custom_transforms.artasyn import ARTASynd
-from custom_transforms.samples import CleanSampled, SeededPerSampled, SyntheticCopiesd
-from tests.test_artasyn import phantom
+from custom_transforms.synthesis.artasyn import ARTASynd
+from custom_transforms.synthesis.samples import CleanSampled, SeededPerSampled, SyntheticCopiesd
+from tests.custom_transforms.test_artasyn import phantom
 
 IMG, LUNG = phantom(64)
 

@@ -3,7 +3,7 @@
 Two modes of :func:`pbtseg`:
 
 ``"reference"``
-    The published rule set (reference-algorithms notes, section 1): thresholds 50, 55, ..., 160 on the
+    The published rule set (ART-ASyn Sec. 3.1 and its published code): thresholds 50, 55, ..., 160 on the
     8-bit image; 8-connected components of ``image <= t``; a candidate has area in (2000, 10000) px
     (scaled by ``H*W / 256**2``), a bounding box taller than wide, solidity > 0.6, its centroid in the
     central 2/3 and a convex-hull border-touch fraction < 0.15; the two largest candidates of each
@@ -52,69 +52,21 @@ right); all zeros when no lung is found (the MONAI wrapper then raises, warns or
 
 from __future__ import annotations
 
-import copy
-import warnings
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
-from monai.utils import ensure_tuple, ensure_tuple_rep
 from scipy import ndimage as ndi
 
-
-MIN_SIZE = 16  # smallest accepted image side (px)
-RIGHT, LEFT = 1, 2  # labels: patient's right lung (image left), patient's left lung (image right)
-
-
-class LungNotFoundError(ValueError):
-    """No lung was found in an image (raised by the MONAI wrappers when ``on_missing="raise"``)."""
-
-
-class LungNotFoundWarning(UserWarning):
-    """No lung was found in an image (``on_missing="warn"``)."""
+from custom_transforms.lung.base import LEFT, RIGHT, LungSeg, LungSegd
+from custom_transforms.utils import MIN_SIZE, as_image2d
 
 
 # ---------------------------------------------------------------------------------------------------
 # input handling
 # ---------------------------------------------------------------------------------------------------
-def as_image2d(image) -> np.ndarray:
-    """Validate a gray image and return it as float32 (H, W) in [0, 1].
-
-    Accepts float in [0, 1] (values up to 0.05 outside are clipped), uint8 / integers in 0..255, a
-    leading channel dimension of 1, and CPU/GPU torch tensors. Raises ``ValueError`` otherwise.
-    """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2:
-        raise ValueError(f"expected a gray image of shape (H, W) or (1, H, W), got shape {a.shape}")
-    if a.size == 0 or min(a.shape) < MIN_SIZE:
-        raise ValueError(f"image is empty or too small: shape {a.shape}, need at least {MIN_SIZE} px a side")
-    if a.dtype == np.bool_:
-        return a.astype(np.float32)
-    if np.issubdtype(a.dtype, np.integer):
-        if a.dtype != np.uint8 and (a.min() < 0 or a.max() > 255):
-            raise ValueError(
-                f"integer images must hold 8-bit values 0..255, got range [{a.min()}, {a.max()}]")
-        return a.astype(np.float32) / 255.0
-    if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"unsupported image dtype {a.dtype}")
-    a = a.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(a)):
-        raise ValueError("image contains NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if lo < -0.05 or hi > 1.05:
-        raise ValueError(f"float images must be scaled to [0, 1], got range [{lo:g}, {hi:g}]")
-    return np.clip(a, 0.0, 1.0)
-
-
 def to_uint8(image) -> np.ndarray:
     """The 8-bit image the thresholds refer to: ``round(255 * image)``."""
     a = np.asarray(image)
@@ -183,7 +135,7 @@ REFERENCE_THRESHOLDS = tuple(range(50, 161, 5))
 
 
 def pbtseg_reference(image) -> np.ndarray:
-    """PBTSeg as published (notes section 1); see the module docstring. Returns uint8 labels."""
+    """PBTSeg as published (Sec. 3.1); see the module docstring. Returns uint8 labels."""
     u8 = to_uint8(image)
     H, W = u8.shape
     scale = H * W / 256.0**2
@@ -373,81 +325,42 @@ def pbtseg(image, mode: str = "robust", **kwargs) -> np.ndarray:
         uint8 (H, W): 0 background, 1 right lung (image left), 2 left lung (image right); all zeros
         when no lung is found.
     """
-    if mode == "reference":
+    if validate_mode(mode) == "reference":
         if kwargs:
             raise ValueError(f"reference mode takes no options, got {sorted(kwargs)}")
         return pbtseg_reference(as_image2d(image))
-    if mode == "robust":
-        return pbtseg_robust(as_image2d(image), **kwargs)
-    raise ValueError(f"mode must be 'robust' or 'reference', got {mode!r}")
+    return pbtseg_robust(as_image2d(image), **kwargs)
+
+
+MODES = ("robust", "reference")
+
+
+def validate_mode(mode: str) -> str:
+    """Check a PBTSeg mode (``pbtseg_mode`` in the configs).
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"PBTSeg mode (pbtseg_mode) must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 # ---------------------------------------------------------------------------------------------------
 # MONAI wrappers
 # ---------------------------------------------------------------------------------------------------
-class LungSegd(MapTransform):
-    """Base of the dictionary lung-segmentation transforms: ``d[lung_key] = segment(d[key])``.
+class PBTSeg(LungSeg):
+    """Array PBTSeg (Sec. 3.1): ``(1, H, W)`` image -> ``(1, H, W)`` ``uint8`` labels (see :func:`pbtseg`).
 
-    The image is ``(1, H, W)`` (numpy, torch or ``MetaTensor``). The labels have the same shape and
-    container: numpy in -> ``uint8`` numpy out; tensor in -> ``torch.uint8`` tensor on the same device;
-    ``MetaTensor`` in -> ``MetaTensor`` with a deep copy of the image's metadata. ``uint8`` collates
-    with MONAI's ``list_data_collate`` and keeps cached datasets small; cast with ``EnsureTyped`` if a
-    float is needed.
-
-    ``on_missing`` says what happens when no lung is found (labels all zero): ``"raise"``
-    :class:`LungNotFoundError`, ``"warn"`` (:class:`LungNotFoundWarning`) or ``"ignore"``; in every
-    case ``missing_count`` counts such images (and ``partial_count`` those with one lung only).
+    Args:
+        mode: ``"robust"`` or ``"reference"``. options: extra robust-mode options of :func:`pbtseg_robust`.
     """
 
-    def __init__(self, keys: KeysCollection = "image", lung_key: str | Sequence[str] = "lung",
-                 on_missing: str = "warn", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        if on_missing not in ("raise", "warn", "ignore"):
-            raise ValueError(f"on_missing must be 'raise', 'warn' or 'ignore', got {on_missing!r}")
-        self.lung_keys = ensure_tuple_rep(lung_key, len(ensure_tuple(self.keys)))
-        self.on_missing = on_missing
-        self.missing_count = 0
-        self.partial_count = 0
+    def __init__(self, mode: str = "robust", options: dict | None = None):
+        self.mode, self.options = validate_mode(mode), dict(options or {})
 
-    def segment(self, image: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key, lung_key in self.key_iterator(d, self.lung_keys):
-            img = d[key]
-            shape = tuple(img.shape)
-            if len(shape) != 3 or shape[0] != 1:
-                raise ValueError(f"'{key}' must have shape (1, H, W), got {shape}")
-            labels = self.segment(img)
-            self._check(labels, img, key)
-            d[lung_key] = self._wrap(labels, img)
-        return d
-
-    def _check(self, labels: np.ndarray, img, key) -> None:
-        has = [bool((labels == side).any()) for side in (RIGHT, LEFT)]
-        if all(has):
-            return
-        if any(has):
-            self.partial_count += 1
-            return
-        self.missing_count += 1
-        name = img.meta.get("filename_or_obj", "") if isinstance(img, MetaTensor) else ""
-        msg = f"{type(self).__name__}: no lung found in '{key}'" + (f" ({name})" if name else "")
-        if self.on_missing == "raise":
-            raise LungNotFoundError(msg)
-        if self.on_missing == "warn":
-            warnings.warn(msg + f"; lung mask left empty ({self.missing_count} so far)", LungNotFoundWarning,
-                          stacklevel=3)
-
-    @staticmethod
-    def _wrap(labels: np.ndarray, img):
-        if isinstance(img, torch.Tensor):
-            t = torch.from_numpy(labels[None]).to(img.device)
-            if isinstance(img, MetaTensor):
-                return MetaTensor(t, meta=copy.deepcopy(dict(img.meta)))
-            return t
-        return labels[None]
+    def segment(self, image) -> np.ndarray:
+        return pbtseg(image, self.mode, **self.options)
 
 
 class PBTSegd(LungSegd):
@@ -463,14 +376,8 @@ class PBTSegd(LungSegd):
     def __init__(self, keys: KeysCollection = "image", lung_key: str | Sequence[str] = "lung",
                  mode: str = "robust", on_missing: str = "warn", allow_missing_keys: bool = False,
                  options: dict | None = None):
-        super().__init__(keys, lung_key, on_missing, allow_missing_keys)
-        if mode not in ("robust", "reference"):
-            raise ValueError(f"mode must be 'robust' or 'reference', got {mode!r}")
-        self.mode, self.options = mode, dict(options or {})
-
-    def segment(self, image) -> np.ndarray:
-        return pbtseg(image, self.mode, **self.options)
+        super().__init__(keys, PBTSeg(mode, options), lung_key, on_missing, allow_missing_keys)
 
 
-__all__ = ["pbtseg", "pbtseg_reference", "pbtseg_robust", "PBTSegd", "LungSegd", "Criteria", "STRICT",
-           "RELAXED", "LungNotFoundError", "LungNotFoundWarning", "as_image2d", "to_uint8"]
+__all__ = ["pbtseg", "pbtseg_reference", "pbtseg_robust", "PBTSeg", "PBTSegd", "Criteria", "STRICT", "RELAXED",
+           "MODES", "validate_mode", "to_uint8"]

@@ -7,10 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from scripts.convert_datasets import convert, main as convert_main
-from scripts.datasets import discover, discover_csv, discover_folder, split_holdout
+from scripts.data.convert import convert, main as convert_main
+from scripts.data.datasets import discover, discover_csv, discover_folder, split_holdout
+from tests.helpers import REAL_CXR
 
-SHARED_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
+SHARED_CXR = REAL_CXR
 
 
 def _png(path: Path, value=100):

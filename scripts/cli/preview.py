@@ -9,7 +9,7 @@ One row per image, four columns:
 
 Example::
 
-    python -m scripts.preview --input ../shared/data/cxr/nih/train/healthy --n 6 --out docs/figures/preview.png
+    python -m scripts.cli.preview --input ../shared/data/cxr/nih/train/healthy --n 6 --out docs/figures/preview.png
 """
 
 from __future__ import annotations
@@ -23,33 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from custom_transforms.io import load_cxr, save_png
-from scripts.datasets import list_images
+from custom_transforms.io import load_cxr
+from scripts.data.datasets import list_images
+from scripts.visualization import LEFT_LUNG_RGB, MASK_RGB, RIGHT_LUNG_RGB, draw_contours, save_grid, to_rgb
 
 logger = logging.getLogger(__name__)
-
-RIGHT_LUNG_RGB, LEFT_LUNG_RGB, MASK_RGB, GT_RGB = (230, 40, 40), (40, 110, 255), (255, 220, 0), (0, 255, 0)
-
-
-def to_rgb(img: np.ndarray) -> np.ndarray:
-    """float [0, 1] (H, W) -> uint8 (H, W, 3)."""
-    g = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.repeat(g[..., None], 3, axis=2)
-
-
-def heat_rgb(x: np.ndarray) -> np.ndarray:
-    """float [0, 1] (H, W) -> uint8 (H, W, 3) in the JET colour map (blue low, red high)."""
-    u8 = (np.clip(x, 0, 1) * 255).astype(np.uint8)
-    return cv2.applyColorMap(u8, cv2.COLORMAP_JET)[..., ::-1]
-
-
-def draw_contours(rgb: np.ndarray, binary: np.ndarray, color, thickness: int = 1) -> np.ndarray:
-    """Outline the connected regions of ``binary`` on a copy of ``rgb``."""
-    out = rgb.copy()
-    contours, _ = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, color, thickness)
-    return out
-
 
 def preview_row(image: np.ndarray, lung: np.ndarray, synthetic: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The four panels of one image side by side, separated by a 2-px gap."""
@@ -63,9 +41,9 @@ def preview_row(image: np.ndarray, lung: np.ndarray, synthetic: np.ndarray, mask
 
 def make_preview(paths, size: int = 256, seed: int = 0, segmenter: str = "pbtseg", steps: str = "full"):
     """Rows of the preview grid for ``paths``; returns (grid RGB uint8, per-image stats)."""
-    from custom_transforms.artasyn import synthesize_artasyn
-    from custom_transforms.otsu_lung import otsu_lung_seg
-    from custom_transforms.pbtseg import pbtseg
+    from custom_transforms.synthesis.artasyn import synthesize_artasyn
+    from custom_transforms.lung.otsu import otsu_lung_seg
+    from custom_transforms.lung.pbtseg import pbtseg
 
     segment = {"pbtseg": pbtseg, "otsu": otsu_lung_seg}[segmenter]
     rng = np.random.default_rng(seed)
@@ -85,22 +63,6 @@ def make_preview(paths, size: int = 256, seed: int = 0, segmenter: str = "pbtseg
     gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
     grid = np.concatenate([r for row in rows for r in (row, gap)][:-1], axis=0)
     return grid, stats
-
-
-def save_grid(path, grid: np.ndarray, colors: int = 0) -> None:
-    """Save an RGB grid as PNG atomically; ``colors > 0`` quantises to a palette (smaller files)."""
-    if colors <= 0:
-        save_png(path, grid)
-        return
-    import io
-
-    from PIL import Image
-
-    from custom_transforms.io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    Image.fromarray(grid).quantize(min(colors, 256)).save(buf, format="PNG", optimize=True)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv=None) -> int:

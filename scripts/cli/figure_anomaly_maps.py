@@ -5,8 +5,8 @@ in green, then, per model, the anomaly map ``|I - I_hat|`` overlaid on the image
 predicted mask outlined in yellow. All models use the same preprocessing and mask rule, taken from the
 configs (``configs/evaluate.json`` is appended to the list). Usage (from the repository root)::
 
-    python scripts/figure_anomaly_maps.py --dataset_dir ../shared/data/cxr/nih \\
-        --config configs/train.json --config configs/cpu_budget.json \\
+    python -m scripts.cli.figure_anomaly_maps --dataset_dir ../shared/data/cxr/nih \\
+        --config configs/train.json --config configs/overrides/cpu_budget.json \\
         --model ART-ASyn=runs/art --model baseline=runs/baseline --n 5 --out docs/figures/nih_anomaly_maps.png
 
 ``--model LABEL=BUNDLE_ROOT`` loads ``BUNDLE_ROOT/models/model.pt``. Rows are the ``--n`` diseased images
@@ -23,13 +23,10 @@ import cv2
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
-from scripts.inference import overlay  # noqa: E402
-from scripts.metrics import as_2d  # noqa: E402
-from scripts.preview import GT_RGB, draw_contours, save_grid, to_rgb  # noqa: E402
+from custom_transforms.utils import as_2d
+from scripts.visualization import GT_RGB, draw_contours, overlay, save_grid, title_bar, to_rgb
 
 
 def load_bundle_parts(configs: list[str], dataset_dir: str, bundle_root: str):
@@ -47,14 +44,8 @@ def load_bundle_parts(configs: list[str], dataset_dir: str, bundle_root: str):
     return net.eval(), parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
 
 
-def title(text: str, width: int, height: int = 18) -> np.ndarray:
-    bar = np.full((height, width, 3), 255, np.uint8)
-    cv2.putText(bar, text, (4, height - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return bar
-
-
 def make_figure(configs, dataset_dir, models: dict[str, str], n: int = 5, gain: float = 4.0) -> np.ndarray:
-    from scripts.datasets import discover
+    from scripts.data.datasets import discover
 
     cases = [d for d in discover(dataset_dir, "test") if d["label"] == 1 and d.get("gt_mask")][:n]
     if not cases:
@@ -75,7 +66,7 @@ def make_figure(configs, dataset_dir, models: dict[str, str], n: int = 5, gain: 
             panels.append(overlay(img2d, as_2d(out["amap"]), as_2d(out["pred_mask"]), gain=gain))
         rows.append(np.concatenate(panels, axis=1))
     size = rows[0].shape[0]
-    header = np.concatenate([title(t, size) for t in ["image + lesion"] + list(parts)], axis=1)
+    header = np.concatenate([title_bar(t, size) for t in ["image + lesion"] + list(parts)], axis=1)
     return np.concatenate([header] + rows, axis=0)
 
 

@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TINY = str(REPO / "tests" / "configs" / "tiny.json")
 TRAIN = [str(CONFIGS / "train.json"), TINY]
@@ -139,7 +139,7 @@ def no_tracking_env():
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    from scripts.demo_data import generate_demo_dataset
+    from scripts.data.phantoms import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     summary = generate_demo_dataset(root, **DEMO)
@@ -158,7 +158,7 @@ def trained(tmp_path_factory, demo_dir):
     res.tracking_uri = wf.parser.get_parsed_content("tracking_uri")
     res.experiment_name = wf.parser.get_parsed_content("experiment_name")
     res.n_train = len(wf.parser.get_parsed_content("data_split")[0])
-    res.batch_size = wf.parser.get_parsed_content("batch_size")
+    res.batch_size = wf.parser.get_parsed_content("hparams#batch_size")
     return res
 
 
@@ -167,7 +167,7 @@ def inference_inputs(tmp_path_factory):
     """The same phantom as PNG, DICOM (16-bit, rescale slope/intercept) and NIfTI: identical after loading."""
     from tests.helpers import write_dicom
 
-    from scripts.demo_data import make_phantom
+    from scripts.data.phantoms import make_phantom
 
     folder = tmp_path_factory.mktemp("infer_in")
     img, _, _ = make_phantom(np.random.default_rng(5), size=96, lesions=1)
@@ -309,7 +309,7 @@ def test_evaluate_calibrated_mask_rule_in_lung(tmp_path, trained, demo_dir):
 
     wf = make_workflow(EVAL, "eval", bundle_root=str(trained.root), dataset_dir=str(demo_dir),
                        eval_dir=str(tmp_path), eval_run_name="eval_calibrated_test",
-                       mask_rule="calibrated", mask_region="lung")
+                       **{"hparams#mask_rule": "calibrated", "hparams#mask_region": "lung"})
     res = run_workflow(wf)
     assert not res.missing
     report = json.loads((tmp_path / "metrics.json").read_text())
@@ -319,7 +319,7 @@ def test_evaluate_calibrated_mask_rule_in_lung(tmp_path, trained, demo_dir):
 
     handlers = wf.parser.get_parsed_content("handlers")
     handler = next(h for h in handlers if isinstance(h, AnomalyEvaluationHandler))
-    dilation = wf.parser.get_parsed_content("mask_region_dilation")
+    dilation = wf.parser.get_parsed_content("hparams#mask_region_dilation")
     dataset = wf.parser.get_parsed_content("dataset")  # same order as the evaluation (no shuffle)
     assert len(handler.results) == len(dataset) == 6
     for r, item in zip(handler.results, dataset):
@@ -409,7 +409,7 @@ def _copy_models(trained, root: Path) -> Path:
 def test_resume_continues_at_epoch_2(tmp_path, trained, demo_dir):
     root = _copy_models(trained, tmp_path)
     res = run_workflow(make_workflow(TRAIN, "train", bundle_root=str(root), dataset_dir=str(demo_dir),
-                                     max_epochs=2, resume=True), watch_trainer=True)
+                                     **{"hparams#max_epochs": 2}, resume=True), watch_trainer=True)
     per_epoch = math.ceil(trained.n_train / trained.batch_size)
     assert res.seen == {"epochs": [2], "iterations": per_epoch}, "only epoch 2 runs after resuming"
     assert res.trainer.state.epoch == 2 and res.trainer.state.iteration == 2 * per_epoch
@@ -424,7 +424,7 @@ def test_resume_continues_at_epoch_2(tmp_path, trained, demo_dir):
 def test_no_resume_starts_over(tmp_path, trained, demo_dir):
     root = _copy_models(trained, tmp_path)
     res = run_workflow(make_workflow(TRAIN, "train", bundle_root=str(root), dataset_dir=str(demo_dir),
-                                     max_epochs=2, resume=False), watch_trainer=True)
+                                     **{"hparams#max_epochs": 2}, resume=False), watch_trainer=True)
     per_epoch = math.ceil(trained.n_train / trained.batch_size)
     assert res.seen == {"epochs": [1, 2], "iterations": 2 * per_epoch}
     steps = {int(s["step"]) for s in res.trainer.optimizer.state.values()}
@@ -470,23 +470,23 @@ def _parse(files, id_, **override):
 
 
 BAD_VALUES = [  # (config, ID to parse, override, exception type, text the message must contain)
-    (TRAIN, "optimizer", {"learning_rate": -0.001}, ValueError, "-0.001"),
-    (TRAIN, "optimizer", {"weight_decay": -1}, ValueError, "-1"),
-    (TRAIN, "train#preprocessing", {"image_size": 4}, ValueError, "got 4"),
-    (TRAIN, "train#preprocessing", {"synthesis_steps": "bogus"}, ValueError, "'bogus'"),
-    (TRAIN, "train#preprocessing", {"pbtseg_mode": "bogus"}, ValueError, "'bogus'"),
-    (TRAIN, "train#preprocessing", {"n_synthetic": [3, 1]}, ValueError, "[3, 1]"),
-    (TRAIN, "data_split", {"val_fraction": 1.5}, ValueError, "1.5"),
-    (TRAIN, "train#dataloader", {"batch_size": 0}, ValueError, "batch_size=0"),
-    (TRAIN, "loss", {"tau": 2.0}, ValueError, "2.0"),
-    (TRAIN, "train#handlers", {"resume": "maybe"}, ValueError, "'maybe'"),
-    (TRAIN, "validate#postprocessing", {"mask_floor": -1}, ValueError, "floor=-1"),
-    (EVAL, "handlers", {"mask_rule": "bogus"}, ValueError, "'bogus'"),
+    (TRAIN, "optimizer", {"hparams#learning_rate": -0.001}, ValueError, "-0.001"),
+    (TRAIN, "optimizer", {"hparams#weight_decay": -1}, ValueError, "-1"),
+    (TRAIN, "train#preprocessing", {"hparams#image_size": 4}, ValueError, "got 4"),
+    (TRAIN, "train#preprocessing", {"hparams#synthesis_steps": "bogus"}, ValueError, "'bogus'"),
+    (TRAIN, "train#preprocessing", {"hparams#pbtseg_mode": "bogus"}, ValueError, "'bogus'"),
+    (TRAIN, "train#preprocessing", {"hparams#n_synthetic": [3, 1]}, ValueError, "[3, 1]"),
+    (TRAIN, "data_split", {"hparams#val_fraction": 1.5}, ValueError, "1.5"),
+    (TRAIN, "train#dataloader", {"hparams#batch_size": 0}, ValueError, "batch_size=0"),
+    (TRAIN, "loss", {"hparams#tau": 2.0}, ValueError, "2.0"),
+    (TRAIN, "train#checkpoint", {"resume": "maybe"}, ValueError, "'maybe'"),
+    (TRAIN, "validate#postprocessing", {"hparams#mask_floor": -1}, ValueError, "floor=-1"),
+    (EVAL, "handlers", {"hparams#mask_rule": "bogus"}, ValueError, "'bogus'"),
     (INFER, "handlers", {"maps_format": "tiff"}, ValueError, "'tiff'"),
-    (TRAIN, "train#preprocessing", {"synthesis_prob": 1.5}, ValueError, "1.5"),
-    (TRAIN, "train#preprocessing", {"image_size": "big"}, ValueError, "image size"),
-    (EVAL, "postprocessing", {"score_kind": "bogus"}, ValueError, "'bogus'"),
-    (EVAL, "handlers", {"mask_region": "heart"}, ValueError, "'heart'"),
+    (TRAIN, "train#preprocessing", {"hparams#synthesis_prob": 1.5}, ValueError, "1.5"),
+    (TRAIN, "train#preprocessing", {"hparams#image_size": "big"}, ValueError, "image size"),
+    (EVAL, "postprocessing", {"hparams#score_kind": "bogus"}, ValueError, "'bogus'"),
+    (EVAL, "handlers", {"hparams#mask_region": "heart"}, ValueError, "'heart'"),
 ]
 
 
@@ -513,7 +513,7 @@ def test_missing_dataset_dir_named_in_error(tmp_path):
 
 def test_bad_max_epochs_rejected_at_run(tmp_path, demo_dir):
     trainer = _parse(TRAIN, "train#trainer", bundle_root=str(tmp_path), dataset_dir=str(demo_dir),
-                     max_epochs=0)
+                     **{"hparams#max_epochs": 0})
     with pytest.raises(ValueError, match="max_epochs"):
         trainer.run()
 
@@ -531,7 +531,7 @@ def test_ckpt_export_torchscript_matches_checkpoint(tmp_path, trained, use_trace
     extra = {"metadata.json": "", "train.json": "", "tiny.json": ""}
     ts = torch.jit.load(str(ts_path), map_location="cpu", _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == json.loads(Path(META).read_text())["version"]
-    assert json.loads(extra["tiny.json"])["image_size"] == 64
+    assert json.loads(extra["tiny.json"])["+hparams"]["image_size"] == 64
 
     net = tiny_network(torch.load(ckpt, map_location="cpu", weights_only=True))
     torch.manual_seed(0)
@@ -637,7 +637,7 @@ def test_multi_gpu_config_on_cpu_with_gloo(tmp_path, demo_dir):
 
 def test_preview_cli_writes_png(tmp_path, demo_dir, capsys):
     out = tmp_path / "preview.png"
-    cmd = [sys.executable, "-m", "scripts.preview", "--input", str(demo_dir / "train" / "healthy"),
+    cmd = [sys.executable, "-m", "scripts.cli.preview", "--input", str(demo_dir / "train" / "healthy"),
            "--n", "2",
            "--size", "64", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -646,7 +646,7 @@ def test_preview_cli_writes_png(tmp_path, demo_dir, capsys):
     assert grid.shape[2] == 3 and grid.shape[1] == 4 * 64 + 3 * 2  # 4 panels, 2-px gaps
     assert grid.shape[0] in (64, 2 * 64 + 2)
 
-    from scripts.preview import main  # the error path in-process (a second interpreter costs ~8 s of imports)
+    from scripts.cli.preview import main  # the error path in-process (a second interpreter costs ~8 s of imports)
 
     assert main(["--input", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
@@ -654,7 +654,7 @@ def test_preview_cli_writes_png(tmp_path, demo_dir, capsys):
 
 def test_figure_anomaly_maps_compares_models(trained, demo_dir, tmp_path):
     """The results figure: one header row, one row per boxed diseased image, image + one panel per model."""
-    from scripts import figure_anomaly_maps as fig
+    from scripts.cli import figure_anomaly_maps as fig
 
     out = tmp_path / "maps.png"
     assert fig.main(["--dataset_dir", str(demo_dir), "--config", TRAIN[0], "--config", TINY,

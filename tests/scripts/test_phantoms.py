@@ -1,4 +1,4 @@
-"""Demo phantoms (scripts/demo_data.py): determinism, contract, dataset layout, manifest, PBTSeg on them.
+"""Demo phantoms (scripts/data/phantoms.py): determinism, contract, dataset layout, manifest, PBTSeg on them.
 
 The phantoms are for smoke runs and tests only; nothing here measures accuracy on real radiographs.
 """
@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from scripts import demo_data as dd
-from scripts.datasets import discover
+from scripts.data import phantoms as dd
+from scripts.data.datasets import discover
 
 SMALL = dict(n_train=3, n_test_healthy=2, n_test_diseased=2, size=64, seed=3)
 
@@ -60,6 +60,32 @@ def test_same_seed_identical_different_seeds_differ():
     assert not np.array_equal(a[0], c[0])
     assert not np.array_equal(a[2], c[2])
 
+
+# sha256 over (dtype, shape, bytes) of image, lesion mask and lung labels of
+# make_phantom(phantom_rng(0, split, index), size, lesions). They pin the output for the numpy and
+# OpenCV versions pinned in setup.cfg; another version of either may legitimately change them.
+PINNED = {
+    ("train_healthy", 1, 0, 64): "cb8ca0bc34636732711be73cb68eea0121cd8bcb1d1a67f597e36b9cd274c705",
+    ("train_healthy", 1, 0, 256): "7f5e113bf3d49537213f48c4c5732d51380359420e9ffc99404abdbf478d5401",
+    ("train_healthy", 7, 0, 64): "02c49b0c33c09974a52cddb6c7f14c98b0b35514a1b4c71e1617463cc29583e6",
+    ("train_healthy", 7, 0, 256): "c6269a787b45538c8cbbbd2997b61846b936bf4609492925e762169c5d6dbdc8",
+    ("test_diseased", 3, 2, 64): "3a1d71b2bc19a902c8055f02e8d610acb6a3e16c73e79134e84eb5be43e04651",
+    ("test_diseased", 3, 2, 256): "e4f9ecc2f76efef0858b0d56303544657b0e63833cff193e9e1120432d8d676c",
+    ("test_diseased", 5, 1, 64): "340fc184a19e9125eb04259254df5c5e4c19ab3b97d4a82c762ecec333258e1c",
+    ("test_diseased", 5, 1, 256): "589286d7039dbd54d83eab396b47ad979cc7253ed36519358c6304bb9d77a34c",
+}
+
+
+@pytest.mark.parametrize("split,index,lesions,size", sorted(PINNED))
+def test_output_pinned(split, index, lesions, size):
+    out = dd.make_phantom(dd.phantom_rng(0, split, index), size=size, lesions=lesions)
+    h = hashlib.sha256()
+    for a in out:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    assert h.hexdigest() == PINNED[(split, index, lesions, size)]
 
 def test_healthy_has_empty_lesion_mask():
     for seed in range(5):
@@ -251,9 +277,9 @@ def test_docstring_warns_not_for_accuracy():
 
 def test_pbtseg_finds_both_lungs_on_phantoms():
     try:
-        from custom_transforms.pbtseg import pbtseg
+        from custom_transforms.lung.pbtseg import pbtseg
     except Exception as exc:  # noqa: BLE001 - any import failure means the segmenter is not usable here
-        pytest.skip(f"custom_transforms.pbtseg cannot be imported ({type(exc).__name__}: {exc})")
+        pytest.skip(f"custom_transforms.lung.pbtseg cannot be imported ({type(exc).__name__}: {exc})")
     n, ok = 40, 0
     for i in range(n):
         rng = dd.phantom_rng(11, "test_diseased" if i % 4 == 0 else "train_healthy", i)

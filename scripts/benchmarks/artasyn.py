@@ -2,12 +2,12 @@
 
 Usage (from the repository root)::
 
-    python scripts/benchmark_artasyn.py                      # data in ../shared/data/cxr
-    python scripts/benchmark_artasyn.py --data /path/to/cxr --images 32 --runs 5
-    python scripts/benchmark_artasyn.py --preview /tmp/artasyn_check.png
+    python -m scripts.benchmarks.artasyn                      # data in ../shared/data/cxr
+    python -m scripts.benchmarks.artasyn --data /path/to/cxr --images 32 --runs 5
+    python -m scripts.benchmarks.artasyn --preview /tmp/artasyn_check.png
 
 Images are ``<data>/nih/train/healthy/*.png`` read as 8-bit gray with OpenCV, resized to 256 px with
-``INTER_AREA`` and divided by 255. Lungs come from ``custom_transforms.pbtseg.pbtseg`` when that module
+``INTER_AREA`` and divided by 255. Lungs come from ``custom_transforms.lung.pbtseg.pbtseg`` when that module
 exists, else from a simple Otsu fallback (labelled as such in the output). Lung segmentation is done
 once, before timing: only the synthesis is timed. For each ablation step the script reports the median
 over ``--runs`` runs of (number of images / wall time), plus two sanity figures over all synthesised
@@ -26,11 +26,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
-from custom_transforms.artasyn import STEPS, synthesize_artasyn  # noqa: E402
+from custom_transforms.synthesis.artasyn import STEPS, synthesize_artasyn
 
 
 def otsu_fallback_lungs(image: np.ndarray) -> np.ndarray:
@@ -56,10 +54,10 @@ def otsu_fallback_lungs(image: np.ndarray) -> np.ndarray:
 
 def lung_segmenter():
     try:
-        from custom_transforms.pbtseg import pbtseg  # noqa: F401
+        from custom_transforms.lung.pbtseg import pbtseg  # noqa: F401
     except ImportError:
-        return otsu_fallback_lungs, "Otsu fallback (custom_transforms.pbtseg not available)"
-    return pbtseg, "custom_transforms.pbtseg.pbtseg"
+        return otsu_fallback_lungs, "Otsu fallback (custom_transforms.lung.pbtseg not available)"
+    return pbtseg, "custom_transforms.lung.pbtseg.pbtseg"
 
 
 def load_images(data: Path, n: int, size: int = 256) -> list[np.ndarray]:

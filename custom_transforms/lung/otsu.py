@@ -1,6 +1,6 @@
 """AnatPaste's lung segmentation (single Otsu threshold), as a baseline to PBTSeg.
 
-Steps (reference-algorithms notes, section 4), for an image in [0, 1]:
+Steps (AnatPaste, Sec. 3.1, and its published code), for an image in [0, 1]:
 
 1. CLAHE: ``skimage.exposure.equalize_adapthist(image, clip_limit=0.01)``;
 2. Otsu threshold of the equalised image; the mask is the DARK side (lungs and air);
@@ -27,7 +27,8 @@ from skimage.exposure import equalize_adapthist
 from skimage.filters import threshold_otsu
 from skimage.segmentation import clear_border
 
-from custom_transforms.pbtseg import LEFT, RIGHT, LungSegd, as_image2d
+from custom_transforms.lung.base import LEFT, RIGHT, LungSeg, LungSegd
+from custom_transforms.utils import as_image2d
 
 SQUARE3 = np.ones((3, 3), np.uint8)
 
@@ -42,8 +43,7 @@ def split_sides(mask: np.ndarray) -> np.ndarray:
 
 def otsu_lung_seg(image, small: str = "bbox") -> np.ndarray:
     """AnatPaste lung mask (module docstring, steps 1-6) as uint8 labels 0 / 1 / 2, shape (H, W)."""
-    if small not in ("bbox", "component"):
-        raise ValueError(f"small must be 'bbox' or 'component', got {small!r}")
+    validate_small(small)
     x = as_image2d(image)
     H, W = x.shape
     eq = equalize_adapthist(x, clip_limit=0.01)
@@ -68,8 +68,32 @@ def otsu_lung_seg(image, small: str = "bbox") -> np.ndarray:
     return split_sides(m)
 
 
+SMALL = ("bbox", "component")
+
+
+def validate_small(small: str) -> str:
+    """Check how :func:`otsu_lung_seg` removes small components.
+
+    Raises:
+        ValueError: ``small`` is not one of :data:`SMALL`.
+    """
+    if small not in SMALL:
+        raise ValueError(f"small must be one of {SMALL}, got {small!r}")
+    return small
+
+
+class OtsuLungSeg(LungSeg):
+    """Array AnatPaste lung segmentation: ``(1, H, W)`` image -> ``(1, H, W)`` ``uint8`` labels."""
+
+    def __init__(self, small: str = "bbox"):
+        self.small = validate_small(small)
+
+    def segment(self, image) -> np.ndarray:
+        return otsu_lung_seg(image, small=self.small)
+
+
 class OtsuLungSegd(LungSegd):
-    """Dictionary AnatPaste lung segmentation; same contract as :class:`~custom_transforms.pbtseg.PBTSegd`.
+    """Dictionary AnatPaste lung segmentation; same contract as :class:`~custom_transforms.lung.pbtseg.PBTSegd`.
 
     Note: the method never returns an empty mask (step 6), so ``on_missing`` only fires for images
     whose labels are empty for other reasons; ``partial_count`` counts one-sided masks.
@@ -77,13 +101,7 @@ class OtsuLungSegd(LungSegd):
 
     def __init__(self, keys: KeysCollection = "image", lung_key: str | Sequence[str] = "lung",
                  on_missing: str = "warn", allow_missing_keys: bool = False, small: str = "bbox"):
-        super().__init__(keys, lung_key, on_missing, allow_missing_keys)
-        if small not in ("bbox", "component"):
-            raise ValueError(f"small must be 'bbox' or 'component', got {small!r}")
-        self.small = small
-
-    def segment(self, image) -> np.ndarray:
-        return otsu_lung_seg(image, small=self.small)
+        super().__init__(keys, OtsuLungSeg(small), lung_key, on_missing, allow_missing_keys)
 
 
-__all__ = ["otsu_lung_seg", "OtsuLungSegd", "split_sides"]
+__all__ = ["otsu_lung_seg", "OtsuLungSeg", "OtsuLungSegd", "split_sides"]

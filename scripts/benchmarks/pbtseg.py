@@ -4,7 +4,7 @@ For each method: images/s (median of ``--runs`` passes over the same preloaded 2
 process), the rate of images with both lungs and with no lung on the 297 healthy NIH images, and the
 mean Dice of the binary lung mask (labels > 0) against the 35 human masks of ``lung_masks``.
 
-    python scripts/benchmark_pbtseg.py [--data ../shared/data/cxr] [--size 256] [--runs 5]
+    python -m scripts.benchmarks.pbtseg [--data ../shared/data/cxr] [--size 256] [--runs 5]
 
 ``benchmark_segmenter(fn, images)`` and ``evaluate_quality(fn, data)`` can be imported.
 """
@@ -21,13 +21,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from custom_transforms.io import load_cxr, load_mask  # noqa: E402
-from custom_transforms.otsu_lung import otsu_lung_seg  # noqa: E402
-from custom_transforms.pbtseg import pbtseg  # noqa: E402
+from custom_transforms.io import load_cxr, load_mask
+from custom_transforms.lung.otsu import otsu_lung_seg
+from custom_transforms.lung.pbtseg import pbtseg
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
 SEGMENTERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
