@@ -12,7 +12,7 @@ Array functions accept numpy arrays or torch tensors and return the same kind. I
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Hashable, Mapping, Sequence
 
 import cv2
 import numpy as np

@@ -173,7 +173,8 @@ def per_image_rows(results: list[dict]) -> list[dict]:
     """One row per image: name, label, score, flagged mask fraction, Dice when a ground truth exists."""
     rows = []
     for r in results:
-        row = {"name": r["name"], "label": r["label"], "score": r["score"], "mask_fraction": float(r["pred_mask"].mean())}
+        row = {"name": r["name"], "label": r["label"], "score": r["score"],
+               "mask_fraction": float(r["pred_mask"].mean())}
         if r["gt_mask"] is not None:
             row["dice"] = dice_score(r["pred_mask"], r["gt_mask"])
         rows.append(row)

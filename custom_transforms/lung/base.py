@@ -9,7 +9,7 @@ says what happens when no lung is found.
 from __future__ import annotations
 
 import warnings
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch

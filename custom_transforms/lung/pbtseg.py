@@ -52,8 +52,8 @@ right); all zeros when no lung is found (the MONAI wrapper then raises, warns or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np

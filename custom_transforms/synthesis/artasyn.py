@@ -83,8 +83,9 @@ import dataclasses
 import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -258,7 +259,7 @@ class _StampBank:
         return wi * self.n_angles + ai
 
 
-_BANK_CACHE: "OrderedDict[tuple, _StampBank]" = OrderedDict()
+_BANK_CACHE: OrderedDict[tuple, _StampBank] = OrderedDict()
 _BANK_CACHE_SIZE = 6
 
 
@@ -386,7 +387,7 @@ class _Box(NamedTuple):
     def sl(self) -> tuple[slice, slice]:
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
-    def within(self, outer: "_Box") -> tuple[slice, slice]:
+    def within(self, outer: _Box) -> tuple[slice, slice]:
         """This box's slices in the frame of ``outer`` (whose origin is ``(outer.y0, outer.x0)``)."""
         return slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0)
 

@@ -19,7 +19,7 @@ of :class:`AnomalySynthesisd` that builds one. The bases own everything else, as
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 from monai.config import KeysCollection

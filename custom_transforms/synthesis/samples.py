@@ -14,12 +14,14 @@ healthy image into the samples a batch holds:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Hashable, Mapping
 from copy import deepcopy
-from typing import Hashable, Mapping
 
 import numpy as np
 import torch
 from monai.transforms import Randomizable, Transform
+
+from custom_transforms.utils import source_name
 
 
 def _zeros_like(x):
@@ -88,7 +90,7 @@ class SyntheticCopiesd(Randomizable, Transform):
 def file_seed(data: Mapping, key: str = "image", base: int = 0) -> int:
     """A stable seed from the file name of ``data[key]`` (its meta ``filename_or_obj``) and ``base``."""
     x = data[key]
-    name = getattr(x, "meta", {}).get("filename_or_obj", "") if hasattr(x, "meta") else (x if isinstance(x, str) else "")
+    name = source_name(x) if hasattr(x, "meta") else (x if isinstance(x, str) else "")
     return (zlib.crc32(str(name).encode()) + 7919 * int(base)) % (2**31)
 
 

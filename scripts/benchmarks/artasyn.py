@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from custom_transforms.synthesis.artasyn import STEPS, synthesize_artasyn
+
 REPO = Path(__file__).resolve().parents[2]
 
-from custom_transforms.synthesis.artasyn import STEPS, synthesize_artasyn
 
 
 def otsu_fallback_lungs(image: np.ndarray) -> np.ndarray:

@@ -16,17 +16,16 @@ import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
 
 from custom_transforms.io import load_cxr, load_mask
 from custom_transforms.lung.otsu import otsu_lung_seg
 from custom_transforms.lung.pbtseg import pbtseg
 
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
 SEGMENTERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "PBTSeg reference": functools.partial(pbtseg, mode="reference"),

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from scripts.data.phantoms import ensure_demo_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +75,9 @@ def build_trainer(config_files: list[str], overrides: dict):
     parser = ConfigParser()
     parser.read_config(config_files)
     parser.update(overrides)
-    parser["train"]["handlers"] = []  # no validation, checkpoints, MLflow or per-iteration logging
+    # no validation, checkpoints, MLflow or per-iteration logging
+    parser["train"]["handlers_all_ranks"] = []
+    parser["train"]["handlers_main_rank"] = []
     return parser.get_parsed_content("train#trainer", instantiate=True)
 
 
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset_dir", default=None, help="dataset root (default: the demo phantoms)")
     ap.add_argument("--config", action="append", default=[],
-                    help="override config merged over configs/train.json (repeatable; default configs/overrides/demo.json)")
+                    help="override config merged over configs/train.json (repeatable; "
+                         "default configs/overrides/demo.json)")
     ap.add_argument("--epochs", type=int, default=4, help="epochs to run; the first is warm-up (default 4)")
     ap.add_argument("--num_workers", type=int, default=None, help="override the loader workers")
     ap.add_argument("--max_images", type=int, default=None, help="use at most this many training images")
@@ -90,18 +94,19 @@ def main(argv=None) -> int:
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first epoch is warm-up)")
 
-    configs = [str(REPO / "configs" / "train.json")] + (args.config or [str(REPO / "configs" / "overrides" / "demo.json")])
+    default_override = str(REPO / "configs" / "overrides" / "demo.json")
+    configs = [str(REPO / "configs" / "train.json")] + (args.config or [default_override])
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {"bundle_root": tmp, "max_epochs": args.epochs, "resume": False}
+        overrides = {"bundle_root": tmp, "hparams#max_epochs": args.epochs, "resume": False}
         if args.dataset_dir:
             overrides["dataset_dir"] = str(Path(args.dataset_dir).resolve())
-        else:
-            overrides["dataset_dir"] = f"$scripts.data.phantoms.ensure_demo_dataset('{REPO / 'demo_data'}')"
+        else:  # the demo phantoms, generated once in <repo>/demo_data
+            overrides["dataset_dir"] = str(ensure_demo_dataset(REPO / "demo_data"))
         if args.num_workers is not None:
             overrides["num_workers"] = args.num_workers
         if args.max_images:
-            overrides["data_split"] = ("$scripts.data.datasets.split_holdout(scripts.data.datasets.discover(@dataset_dir, "
-                                       f"'train')[:{args.max_images}], @val_fraction)")
+            overrides["data_split"] = ("$scripts.data.datasets.split_holdout(scripts.data.datasets.discover("
+                                       f"@dataset_dir, 'train')[:{args.max_images}], @hparams#val_fraction)")
         trainer = build_trainer(configs, overrides)
         loader = trainer.data_loader
         timer = StepTimer()
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
     print(f"{'epoch':>5} {'images/s':>9} {'wait %':>7} {'wall s':>7} {'samples':>8}")
     for i, e in enumerate(timer.epochs, 1):
         tag = " (warm-up)" if i == 1 else ""
-        print(f"{i:>5} {e['images_per_s']:>9.1f} {100 * e['wait_share']:>7.1f} {e['wall']:>7.1f} {e['samples']:>8}{tag}")
+        print(f"{i:>5} {e['images_per_s']:>9.1f} {100 * e['wait_share']:>7.1f} {e['wall']:>7.1f} "
+              f"{e['samples']:>8}{tag}")
     steady = timer.epochs[1:]
     ips = statistics.median(e["images_per_s"] for e in steady)
     wait = statistics.median(e["wait_share"] for e in steady)

@@ -16,17 +16,16 @@ with masks, in file-name order (no cherry-picking); the column title row names t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
 from custom_transforms.utils import as_2d
 from scripts.visualization import GT_RGB, draw_contours, overlay, save_grid, title_bar, to_rgb
+
+REPO = Path(__file__).resolve().parents[2]
+
 
 
 def load_bundle_parts(configs: list[str], dataset_dir: str, bundle_root: str):
@@ -54,7 +53,7 @@ def make_figure(configs, dataset_dir, models: dict[str, str], n: int = 5, gain: 
     rows = []
     for case in cases:
         panels = []
-        for label, (net, pre, post) in parts.items():
+        for net, pre, post in parts.values():
             item = pre(dict(case))
             image = torch.as_tensor(item["image"])[None].float()
             with torch.no_grad():

@@ -41,9 +41,9 @@ def preview_row(image: np.ndarray, lung: np.ndarray, synthetic: np.ndarray, mask
 
 def make_preview(paths, size: int = 256, seed: int = 0, segmenter: str = "pbtseg", steps: str = "full"):
     """Rows of the preview grid for ``paths``; returns (grid RGB uint8, per-image stats)."""
-    from custom_transforms.synthesis.artasyn import synthesize_artasyn
     from custom_transforms.lung.otsu import otsu_lung_seg
     from custom_transforms.lung.pbtseg import pbtseg
+    from custom_transforms.synthesis.artasyn import synthesize_artasyn
 
     segment = {"pbtseg": pbtseg, "otsu": otsu_lung_seg}[segmenter]
     rng = np.random.default_rng(seed)

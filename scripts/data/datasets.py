@@ -58,7 +58,8 @@ def discover_folder(root, split: str = "train") -> list[dict]:
     if not root.is_dir():
         raise FileNotFoundError(
             f"dataset folder not found: '{root}'. Expected {root}/train/healthy, {root}/test/healthy and "
-            f"{root}/test/diseased (see docs/data.md), or set dataset_dir to the demo phantoms."
+            f"{root}/test/diseased (see docs/data.md). For the demo phantoms run "
+            f"'python -m scripts.data.phantoms --out {root}' first."
         )
     items = []
     for sub, label in SPLITS[split]:

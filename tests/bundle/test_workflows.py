@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -165,9 +166,8 @@ def trained(tmp_path_factory, demo_dir):
 @pytest.fixture(scope="module")
 def inference_inputs(tmp_path_factory):
     """The same phantom as PNG, DICOM (16-bit, rescale slope/intercept) and NIfTI: identical after loading."""
-    from tests.helpers import write_dicom
-
     from scripts.data.phantoms import make_phantom
+    from tests.helpers import write_dicom
 
     folder = tmp_path_factory.mktemp("infer_in")
     img, _, _ = make_phantom(np.random.default_rng(5), size=96, lesions=1)

@@ -6,10 +6,6 @@ calibrated threshold is the quantile of held-out healthy maps; metrics.json, plo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch

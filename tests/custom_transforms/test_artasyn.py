@@ -1,4 +1,4 @@
-"""ART-ASyn synthesis (custom_transforms.synthesis.artasyn) and its procedural brush (custom_transforms.synthesis.brush).
+"""ART-ASyn synthesis (custom_transforms.synthesis.artasyn) and its procedural brush (synthesis.brush).
 
 All tests use a procedural phantom (bright body, two dark elliptical lungs, labels drawn directly):
 no real data needed.
@@ -14,12 +14,12 @@ from monai.data import MetaTensor
 from PIL import Image, ImageFilter
 
 from custom_transforms.synthesis.artasyn import (
+    _G_REF_OPACITY,
     STEPS,
     ARTASynd,
     ARTASynParams,
     _blur,
     _draw_stroke_counts,
-    _G_REF_OPACITY,
     _paint_base,
     _percentile_u8,
     soft_lung_weight,

@@ -1,6 +1,5 @@
 """PBTSeg (reference and robust) and AnatPaste's Otsu lung segmentation: contract, inputs, real data."""
 
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,8 +7,8 @@ import pytest
 import torch
 from monai.data import MetaTensor, list_data_collate
 
-from custom_transforms.lung.otsu import OtsuLungSegd, otsu_lung_seg
 from custom_transforms.lung import LungNotFoundError, LungNotFoundWarning
+from custom_transforms.lung.otsu import OtsuLungSegd, otsu_lung_seg
 from custom_transforms.lung.pbtseg import PBTSegd, pbtseg, pbtseg_reference, pbtseg_robust
 from tests.helpers import REAL_CXR
 

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from scripts.data.convert import convert, main as convert_main
+from scripts.data.convert import convert
+from scripts.data.convert import main as convert_main
 from scripts.data.datasets import discover, discover_csv, discover_folder, split_holdout
 from tests.helpers import REAL_CXR
 
@@ -68,7 +69,8 @@ def test_csv_list(tmp_path, folder_ds):
     assert len(discover_csv(tmp_path / "list.csv")) == 2
 
 
-@pytest.mark.parametrize("row,err", [(["nope.png", "0", ""], "not found"), (["ds/train/healthy/t0.png", "2", ""], "0 or 1"),
+@pytest.mark.parametrize("row,err", [(["nope.png", "0", ""], "not found"),
+                                     (["ds/train/healthy/t0.png", "2", ""], "0 or 1"),
                                      (["ds/train/healthy/t0.png", "x", ""], "0 or 1")])
 def test_csv_errors_name_the_line(tmp_path, folder_ds, row, err):
     with open(tmp_path / "bad.csv", "w", newline="") as f:

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from custom_transforms.anomaly import AnomalyPostd
-from scripts.evaluation import (AnomalyEvaluationHandler, ThresholdCalibration, compute_metrics, per_image_rows,
-                                pick_cases)
+from scripts.evaluation import (
+    AnomalyEvaluationHandler,
+    ThresholdCalibration,
+    compute_metrics,
+    per_image_rows,
+    pick_cases,
+)
 from scripts.visualization import case_grid
 
 

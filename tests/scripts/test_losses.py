@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from scripts.losses import (ARTASynLoss, feature_alignment_loss, global_loss, local_loss, soft_anomaly_mask,
-                            soft_dice_loss)
+from scripts.losses import (
+    ARTASynLoss,
+    feature_alignment_loss,
+    global_loss,
+    local_loss,
+    soft_anomaly_mask,
+    soft_dice_loss,
+)
 from scripts.networks import FeatureUNet
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from monai.networks import convert_to_torchscript
@@ -11,7 +9,6 @@ from monai.networks.nets import UNet
 
 from scripts.networks import FeatureUNet, find_bottleneck
 from tests.helpers import REPO
-
 
 TINY = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
 
