@@ -19,7 +19,7 @@ import torch
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
-from custom_transforms.utils import per_image
+from custom_transforms.utils import Choice, per_image
 
 __all__ = ["SCORE_KINDS", "MASK_REGIONS", "anomaly_map", "image_score", "paper_mask", "calibrate_threshold",
            "threshold_mask", "dilate_region", "region_key", "validate_score_kind", "AnomalyPostd"]
@@ -27,15 +27,7 @@ __all__ = ["SCORE_KINDS", "MASK_REGIONS", "anomaly_map", "image_score", "paper_m
 SCORE_KINDS = ("mse", "mean_abs", "topk_mean")
 
 
-def validate_score_kind(kind: str) -> str:
-    """Check an image score kind (``score_kind`` in the configs).
-
-    Raises:
-        ValueError: ``kind`` is not one of :data:`SCORE_KINDS`.
-    """
-    if kind not in SCORE_KINDS:
-        raise ValueError(f"score kind (score_kind) must be one of {SCORE_KINDS}, got {kind!r}")
-    return kind
+validate_score_kind = Choice("score_kind", SCORE_KINDS, "score kind")
 
 
 def anomaly_map(image, recon):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
-__all__ = ["MIN_SIZE", "as_2d", "as_image2d", "like", "per_image", "source_name"]
+__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "like", "per_image", "source_name"]
 
 MIN_SIZE = 16  # smallest accepted image side (px) for segmentation and synthesis
 
@@ -83,3 +83,23 @@ def as_image2d(image) -> np.ndarray:
     if lo < -0.05 or hi > 1.05:
         raise ValueError(f"float images must be scaled to [0, 1], got range [{lo:g}, {hi:g}]")
     return np.clip(a, 0.0, 1.0)
+
+
+class Choice:
+    """Validator of one config rule: the value must be one of ``allowed`` (one instance per rule).
+
+    ``Choice("pbtseg_mode", ("robust", "reference"), "PBTSeg mode")(value)`` returns ``value`` when allowed.
+
+    Raises:
+        ValueError: the value is not in ``allowed``; the message names the value, the allowed set and the
+            config key.
+    """
+
+    def __init__(self, key: str, allowed: tuple, what: str | None = None):
+        self.key, self.allowed, self.what = key, tuple(allowed), what
+
+    def __call__(self, value):
+        if value not in self.allowed:
+            name = f"{self.what} ({self.key})" if self.what else self.key
+            raise ValueError(f"{name} must be one of {self.allowed}, got {value!r}")
+        return value

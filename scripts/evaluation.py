@@ -30,7 +30,7 @@ from monai.utils import convert_to_numpy
 
 from custom_transforms.anomaly import anomaly_map, calibrate_threshold, dilate_region
 from custom_transforms.io import save_png, write_json
-from custom_transforms.utils import as_2d
+from custom_transforms.utils import Choice, as_2d
 from scripts.engine import prepare_restoration_batch
 from scripts.metrics import dice_micro, dice_per_image, dice_score, image_auroc_ap
 from scripts.tracking import log_run
@@ -41,15 +41,7 @@ logger = logging.getLogger(__name__)
 MASK_RULES = ("paper", "calibrated")
 
 
-def validate_mask_rule(mask_rule: str) -> str:
-    """Check a mask rule (``mask_rule`` in configs/evaluate.json).
-
-    Raises:
-        ValueError: ``mask_rule`` is not one of :data:`MASK_RULES`.
-    """
-    if mask_rule not in MASK_RULES:
-        raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
-    return mask_rule
+validate_mask_rule = Choice("mask_rule", MASK_RULES)
 
 
 def _name(item: dict) -> str:

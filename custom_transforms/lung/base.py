@@ -17,7 +17,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, ensure_tuple, ensure_tuple_rep
 
-from custom_transforms.utils import as_2d, like, source_name
+from custom_transforms.utils import Choice, as_2d, like, source_name
 
 __all__ = ["RIGHT", "LEFT", "ON_MISSING", "LungNotFoundError", "LungNotFoundWarning", "LungSeg", "LungSegd",
            "validate_on_missing"]
@@ -34,15 +34,7 @@ class LungNotFoundWarning(UserWarning):
     """No lung was found in an image (``on_missing="warn"``)."""
 
 
-def validate_on_missing(on_missing: str) -> str:
-    """Check the ``on_missing`` policy of a lung transform.
-
-    Raises:
-        ValueError: ``on_missing`` is not one of :data:`ON_MISSING`.
-    """
-    if on_missing not in ON_MISSING:
-        raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
-    return on_missing
+validate_on_missing = Choice("on_missing", ON_MISSING)  # what a lung transform does without lungs
 
 
 class LungSeg(Transform):

@@ -28,7 +28,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import clear_border
 
 from custom_transforms.lung.base import LEFT, RIGHT, LungSeg, LungSegd
-from custom_transforms.utils import as_image2d
+from custom_transforms.utils import Choice, as_image2d
 
 SQUARE3 = np.ones((3, 3), np.uint8)
 
@@ -71,15 +71,7 @@ def otsu_lung_seg(image, small: str = "bbox") -> np.ndarray:
 SMALL = ("bbox", "component")
 
 
-def validate_small(small: str) -> str:
-    """Check how :func:`otsu_lung_seg` removes small components.
-
-    Raises:
-        ValueError: ``small`` is not one of :data:`SMALL`.
-    """
-    if small not in SMALL:
-        raise ValueError(f"small must be one of {SMALL}, got {small!r}")
-    return small
+validate_small = Choice("small", SMALL)  # how small components are removed (step 5)
 
 
 class OtsuLungSeg(LungSeg):

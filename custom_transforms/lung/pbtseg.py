@@ -61,7 +61,7 @@ from monai.config import KeysCollection
 from scipy import ndimage as ndi
 
 from custom_transforms.lung.base import LEFT, RIGHT, LungSeg, LungSegd
-from custom_transforms.utils import MIN_SIZE, as_image2d
+from custom_transforms.utils import MIN_SIZE, Choice, as_image2d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,15 +335,7 @@ def pbtseg(image, mode: str = "robust", **kwargs) -> np.ndarray:
 MODES = ("robust", "reference")
 
 
-def validate_mode(mode: str) -> str:
-    """Check a PBTSeg mode (``pbtseg_mode`` in the configs).
-
-    Raises:
-        ValueError: ``mode`` is not one of :data:`MODES`.
-    """
-    if mode not in MODES:
-        raise ValueError(f"PBTSeg mode (pbtseg_mode) must be one of {MODES}, got {mode!r}")
-    return mode
+validate_mode = Choice("pbtseg_mode", MODES, "PBTSeg mode")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ from monai.config import KeysCollection
 
 from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd
 from custom_transforms.synthesis.brush import make_brush
+from custom_transforms.utils import Choice
 
 __all__ = ["ARTASynParams", "STEPS", "synthesize_artasyn", "soft_lung_weight", "ARTASyn", "ARTASynd"]
 
@@ -400,10 +401,7 @@ def _nonzero_box(a: np.ndarray) -> _Box | None:
     return _Box(int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
 
 
-def _check_steps(steps: str) -> str:
-    if steps not in STEPS:
-        raise ValueError(f"steps (synthesis_steps) must be one of {STEPS}, got {steps!r}")
-    return steps
+_check_steps = Choice("synthesis_steps", STEPS, "steps")  # supplementary Table S1 ablation
 
 
 def _check_param_names(names, owner: str) -> None:

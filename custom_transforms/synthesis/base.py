@@ -26,22 +26,14 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends
 
-from custom_transforms.utils import as_2d, like
+from custom_transforms.utils import Choice, as_2d, like
 
 __all__ = ["ON_EMPTY_LUNG", "AnomalySynthesis", "AnomalySynthesisd", "validate_on_empty_lung", "validate_prob"]
 
 ON_EMPTY_LUNG = ("clean", "raise")
 
 
-def validate_on_empty_lung(on_empty_lung: str) -> str:
-    """Check what a synthesis transform does with an empty lung map.
-
-    Raises:
-        ValueError: ``on_empty_lung`` is not one of :data:`ON_EMPTY_LUNG`.
-    """
-    if on_empty_lung not in ON_EMPTY_LUNG:
-        raise ValueError(f"on_empty_lung must be one of {ON_EMPTY_LUNG}, got {on_empty_lung!r}")
-    return on_empty_lung
+validate_on_empty_lung = Choice("on_empty_lung", ON_EMPTY_LUNG)
 
 
 def validate_prob(prob: float, name: str = "synthesis_prob") -> float:

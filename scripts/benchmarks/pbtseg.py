@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed passes per method (median reported)")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
-        ap.error(f"data folder '{args.data}' not found; pass --data (see ../shared/data/cxr/README.md)")
+        ap.error(f"data folder '{args.data}' not found; pass --data (see docs/data.md)")
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     data = load_dataset(args.data, args.size)
