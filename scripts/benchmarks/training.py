@@ -13,7 +13,8 @@ and synthetic, per second of wall time) and the data-wait share ``wait / (wait +
 medians. Usage (from the repository root)::
 
     python -m scripts.benchmarks.training                                  # demo phantoms, demo config
-    python -m scripts.benchmarks.training --dataset_dir ../shared/data/cxr/nih --config configs/overrides/cpu_budget.json
+    python -m scripts.benchmarks.training --dataset_dir ../shared/data/cxr/nih \\
+        --config configs/overrides/cpu_budget.json
     python -m scripts.benchmarks.training --num_workers 0                  # synthesis in the main process
 """
 

@@ -204,7 +204,7 @@ def test_missing_lungs_behaviour():
 # ---------------------------------------------------------------------------------------------------
 def load_real():
     if not DATA.is_dir():
-        pytest.skip(f"real chest X-rays not found at {DATA} (see ../shared/data/cxr/README.md)")
+        pytest.skip(f"real chest X-rays not found at {DATA} (see docs/data.md)")
     from scripts.benchmarks.pbtseg import load_dataset
 
     return load_dataset(DATA)
