@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +30,14 @@ def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, 
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def sha256_arrays(*arrays) -> str:
+    """sha256 over the dtype, shape and bytes of each array: pins outputs bit for bit."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

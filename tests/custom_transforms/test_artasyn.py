@@ -26,6 +26,7 @@ from custom_transforms.synthesis.artasyn import (
     synthesize_artasyn,
 )
 from custom_transforms.synthesis.brush import make_brush
+from tests.helpers import sha256_arrays
 
 
 def phantom(size=256, sides=(1, 2)):
@@ -313,18 +314,6 @@ PINNED = {
 }
 
 
-def _sha(*arrays):
-    import hashlib
-
-    m = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        m.update(str(a.dtype).encode())
-        m.update(str(a.shape).encode())
-        m.update(a.tobytes())
-    return m.hexdigest()
-
-
 @pytest.mark.parametrize("index,steps,seed", sorted(PINNED), ids=lambda v: str(v))
 def test_output_pinned(index, steps, seed):
     from custom_transforms.lung.pbtseg import pbtseg
@@ -332,4 +321,4 @@ def test_output_pinned(index, steps, seed):
 
     img = make_phantom(phantom_rng(0, "train_healthy", index), size=256, lesions=0)[0].astype(np.float32) / 255.0
     out = synthesize_artasyn(img, pbtseg(img), np.random.default_rng(seed), steps=steps, return_alpha=True)
-    assert _sha(*out) == PINNED[(index, steps, seed)]
+    assert sha256_arrays(*out) == PINNED[(index, steps, seed)]

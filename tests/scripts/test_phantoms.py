@@ -14,6 +14,7 @@ import pytest
 
 from scripts.data import phantoms as dd
 from scripts.data.datasets import discover
+from tests.helpers import sha256_arrays
 
 SMALL = dict(n_train=3, n_test_healthy=2, n_test_diseased=2, size=64, seed=3)
 
@@ -79,13 +80,8 @@ PINNED = {
 @pytest.mark.parametrize("split,index,lesions,size", sorted(PINNED))
 def test_output_pinned(split, index, lesions, size):
     out = dd.make_phantom(dd.phantom_rng(0, split, index), size=size, lesions=lesions)
-    h = hashlib.sha256()
-    for a in out:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    assert h.hexdigest() == PINNED[(split, index, lesions, size)]
+    assert sha256_arrays(*out) == PINNED[(split, index, lesions, size)]
+
 
 def test_healthy_has_empty_lesion_mask():
     for seed in range(5):
