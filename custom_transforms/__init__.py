@@ -5,39 +5,40 @@ keys are described in docs/architecture.md.
 """
 
 from custom_transforms.anomaly import (
-                                       SCORE_KINDS,
-                                       AnomalyPostd,
-                                       anomaly_map,
-                                       calibrate_threshold,
-                                       image_score,
-                                       paper_mask,
-                                       threshold_mask,
+    SCORE_KINDS,
+    AnomalyPostd,
+    anomaly_map,
+    calibrate_threshold,
+    image_score,
+    paper_mask,
+    threshold_mask,
 )
 from custom_transforms.io import CXRReadError, LoadCXRd, load_cxr, load_mask, read_cxr
 from custom_transforms.lung import (
-                                       LungNotFoundError,
-                                       LungNotFoundWarning,
-                                       LungSeg,
-                                       LungSegd,
-                                       OtsuLungSeg,
-                                       OtsuLungSegd,
-                                       PBTSeg,
-                                       PBTSegd,
+    LungNotFoundError,
+    LungNotFoundWarning,
+    LungSeg,
+    LungSegd,
+    OtsuLungSeg,
+    OtsuLungSegd,
+    PBTSeg,
+    PBTSegd,
 )
 from custom_transforms.lung.otsu import otsu_lung_seg
 from custom_transforms.lung.pbtseg import pbtseg
 from custom_transforms.synthesis import (
-                                       STEPS,
-                                       AnomalySynthesis,
-                                       AnomalySynthesisd,
-                                       ARTASyn,
-                                       ARTASynd,
-                                       ARTASynParams,
-                                       CleanSampled,
-                                       SeededPerSampled,
-                                       SyntheticCopiesd,
-                                       make_brush,
-                                       synthesize_artasyn,
+    STEPS,
+    AnomalySynthesis,
+    AnomalySynthesisd,
+    ARTASyn,
+    ARTASynd,
+    ARTASynParams,
+    CleanSampled,
+    SeededPerSampled,
+    SourcePool,
+    SyntheticCopiesd,
+    make_brush,
+    synthesize_artasyn,
 )
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "PBTSegd", "otsu_lung_seg", "pbtseg",
     # synthesis
     "STEPS", "AnomalySynthesis", "AnomalySynthesisd", "ARTASyn", "ARTASynd", "ARTASynParams", "CleanSampled",
-    "SeededPerSampled", "SyntheticCopiesd", "make_brush", "synthesize_artasyn",
+    "SeededPerSampled", "SourcePool", "SyntheticCopiesd", "make_brush", "synthesize_artasyn",
     # anomaly maps, scores, masks
     "SCORE_KINDS", "AnomalyPostd", "anomaly_map", "calibrate_threshold", "image_score", "paper_mask",
     "threshold_mask",

@@ -626,7 +626,7 @@ class ARTASyn(AnomalySynthesis):
         self.params = dataclasses.replace(params or ARTASynParams(), **kwargs)
         self.brush = None if brush is None else np.asarray(brush, np.float32)
 
-    def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator):
+    def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
         return synthesize_artasyn(image, lung, rng, steps=self.steps, brush=self.brush, params=self.params)
 
 

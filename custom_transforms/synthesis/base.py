@@ -14,21 +14,28 @@ of :class:`AnomalySynthesisd` that builds one. The bases own everything else, as
 - **keys** (docs/architecture.md): reads ``image`` and ``lung``, writes ``synthetic`` and ``mask``,
   honours ``allow_missing_keys``;
 - **clean samples**: with probability ``1 - prob``, or when the lung map is empty and
-  ``on_empty_lung="clean"``, ``synthetic`` is a copy of the image and ``mask`` is all zeros.
+  ``on_empty_lung="clean"``, ``synthetic`` is a copy of the image and ``mask`` is all zeros;
+- **a second image** for methods that take their patch from another training image (NSA, FPI:
+  ``needs_source = True``): a :class:`SourcePool` of the training files, loaded on demand by the same
+  loading and intensity transforms as the images. The array transform draws the pool index in
+  ``randomize()`` with the rest of its randomness, so seeding, ``SeededPerSampled`` validation sets, loader
+  workers and DDP ranks need nothing else; a ``source`` given in the call (or the dictionary's
+  ``source_key``) takes precedence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends
 
-from custom_transforms.utils import Choice, as_2d, like
+from custom_transforms.utils import Choice, as_2d, like, source_name
 
-__all__ = ["ON_EMPTY_LUNG", "AnomalySynthesis", "AnomalySynthesisd", "validate_on_empty_lung", "validate_prob"]
+__all__ = ["ON_EMPTY_LUNG", "AnomalySynthesis", "AnomalySynthesisd", "SourcePool", "validate_on_empty_lung",
+           "validate_prob"]
 
 ON_EMPTY_LUNG = ("clean", "raise")
 
@@ -63,41 +70,97 @@ def lung_labels(lung, image_shape: tuple, name: str = "lung") -> np.ndarray:
     return np.rint(lab).astype(np.uint8) if lab.dtype.kind == "f" else lab.astype(np.uint8)
 
 
+class SourcePool:
+    """Training images a method can take a second ("source") image from, loaded on demand.
+
+    Args:
+        data: the training data dicts (``{"image": path, ...}``, as :mod:`scripts.data.datasets` makes them)
+            or paths.
+        loader: dict -> dict transform that loads ``key`` (e.g. ``Compose(load_transforms + intensity_transforms)``
+            of the configs, so the source looks like the image it is pasted into); default
+            :class:`~custom_transforms.io.LoadCXRd` at 256 px.
+        key: the image key of the data dicts.
+
+    Raises:
+        ValueError: ``data`` is empty.
+    """
+
+    def __init__(self, data: Sequence, loader: Callable | None = None, key: str = "image"):
+        self.items = [dict(d) if isinstance(d, Mapping) else {key: d} for d in data]
+        if not self.items:
+            raise ValueError("SourcePool needs at least one image (the training split is empty)")
+        if loader is None:
+            from custom_transforms.io import LoadCXRd
+
+            loader = LoadCXRd(key)
+        self.loader, self.key = loader, key
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int, exclude: str = ""):
+        """Image ``index`` (``(1, H, W)``); the next one when its file is ``exclude`` (the target image)."""
+        i = index % len(self.items)
+        if exclude and len(self.items) > 1 and str(self.items[i][self.key]) == exclude:
+            i = (i + 1) % len(self.items)
+        return self.loader(dict(self.items[i]))[self.key]
+
+
 class AnomalySynthesis(RandomizableTransform):
     """Array synthesis: ``(image (1, H, W), lung (1, H, W)) -> (synthetic, mask)``, each ``(1, H, W)`` float32.
 
-    Subclasses implement :meth:`synthesize` by calling their pure function with the generator given.
+    Subclasses implement :meth:`synthesize` by calling their pure function with the generator given; a
+    method that needs a second image sets ``needs_source = True`` and receives it as ``source``.
 
     Args:
         prob: probability of synthesising; otherwise the sample is clean.
         on_empty_lung: ``"clean"`` (an empty lung map gives a clean sample) or ``"raise"`` (the pure
             function raises ``ValueError``).
+        source_pool: a :class:`SourcePool` for methods with ``needs_source``.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+    needs_source = False
 
-    def __init__(self, prob: float = 1.0, on_empty_lung: str = "clean"):
+    def __init__(self, prob: float = 1.0, on_empty_lung: str = "clean", source_pool: SourcePool | None = None):
         RandomizableTransform.__init__(self, validate_prob(prob))
         self.on_empty_lung = validate_on_empty_lung(on_empty_lung)
-        self._seed = 0
+        self.source_pool = source_pool
+        self._seed, self._source_index = 0, 0
 
     def randomize(self, data=None) -> None:
-        """Draw whether to synthesise and the seed of this call's generator (both always drawn)."""
+        """Draw whether to synthesise, the seed of this call's generator and the source index (all always drawn)."""
         super().randomize(None)
         self._seed = int(self.R.randint(2**31))
+        if self.needs_source and self.source_pool is not None:
+            self._source_index = int(self.R.randint(len(self.source_pool)))
 
-    def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator):
+    def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
         """``(synthetic, mask)`` float32 ``(H, W)`` for a float32 image in [0, 1] and uint8 lung labels."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def __call__(self, img, lung, randomize: bool = True):
+    def _source(self, img, source, shape) -> np.ndarray:
+        """The second image as float32 ``(H, W)``: ``source`` when given, else drawn from the pool."""
+        if source is None:
+            if self.source_pool is None:
+                raise ValueError(f"{type(self).__name__} takes its patch from a second image: give a source_pool "
+                                 f"(the training images) or a source image")
+            source = self.source_pool.load(self._source_index, exclude=source_name(img))
+        src = as_2d(source, "source").astype(np.float32)
+        if src.shape != tuple(shape):
+            raise ValueError(f"source image shape {src.shape} does not match the image shape {tuple(shape)} "
+                             f"(load both at the same image_size)")
+        return src
+
+    def __call__(self, img, lung, source=None, randomize: bool = True):
         if randomize:
             self.randomize()
         image = as_2d(img, "image").astype(np.float32)
         labels = lung_labels(lung, image.shape)
         synthetic = mask = None
         if self._do_transform and ((labels > 0).any() or self.on_empty_lung == "raise"):
-            synthetic, mask = self.synthesize(image, labels, np.random.default_rng(self._seed))
+            extra = {"source": self._source(img, source, image.shape)} if self.needs_source else {}
+            synthetic, mask = self.synthesize(image, labels, np.random.default_rng(self._seed), **extra)
         if synthetic is None:
             synthetic, mask = image.copy(), np.zeros(image.shape, np.float32)
         return like(synthetic, img, dtype=np.float32), like(mask, img, dtype=np.float32)
@@ -112,19 +175,22 @@ class AnomalySynthesisd(RandomizableTransform, MapTransform):
         lung_key / synthetic_key / mask_key: the other keys of the contract.
         prob: probability of synthesising (``synthesis_prob`` in the configs); otherwise a clean sample.
         allow_missing_keys: skip (leave the dictionary unchanged) when the image or lung key is missing.
+        source_key: for methods that need a second image, a key holding it (used when present; otherwise
+            the synthesizer's source pool).
     """
 
     backend = AnomalySynthesis.backend
 
     def __init__(self, keys: KeysCollection, synthesizer: AnomalySynthesis, lung_key: str = "lung",
                  synthetic_key: str = "synthetic", mask_key: str = "mask", prob: float = 1.0,
-                 allow_missing_keys: bool = False):
+                 allow_missing_keys: bool = False, source_key: str | None = None):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, validate_prob(prob))
         if len(self.keys) != 1:
             raise ValueError(f"{type(self).__name__} takes exactly one image key, got {self.keys}")
         self.synthesizer = synthesizer
         self.lung_key, self.synthetic_key, self.mask_key = lung_key, synthetic_key, mask_key
+        self.source_key = source_key
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         super().set_random_state(seed, state)
@@ -142,5 +208,7 @@ class AnomalySynthesisd(RandomizableTransform, MapTransform):
             self.randomize(None)
             self.synthesizer.randomize()
             self.synthesizer._do_transform = self._do_transform and self.synthesizer._do_transform
-            d[self.synthetic_key], d[self.mask_key] = self.synthesizer(d[key], d[self.lung_key], randomize=False)
+            source = d.get(self.source_key) if self.source_key else None
+            d[self.synthetic_key], d[self.mask_key] = self.synthesizer(d[key], d[self.lung_key], source=source,
+                                                                       randomize=False)
         return d
