@@ -110,7 +110,8 @@ class AnomalySynthesis(RandomizableTransform):
     """Array synthesis: ``(image (1, H, W), lung (1, H, W)) -> (synthetic, mask)``, each ``(1, H, W)`` float32.
 
     Subclasses implement :meth:`synthesize` by calling their pure function with the generator given; a
-    method that needs a second image sets ``needs_source = True`` and receives it as ``source``.
+    method that needs a second image sets ``needs_source = True`` and receives it as ``source``; a method
+    that does not place its anomaly by the lungs sets ``needs_lung = False`` (class or instance attribute).
 
     Args:
         prob: probability of synthesising; otherwise the sample is clean.
@@ -120,7 +121,8 @@ class AnomalySynthesis(RandomizableTransform):
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
-    needs_source = False
+    needs_source = False  # True: the method pastes from a second image (``source``)
+    needs_lung = True  # False: the method ignores the lungs, so an empty lung map does not make a clean sample
 
     def __init__(self, prob: float = 1.0, on_empty_lung: str = "clean", source_pool: SourcePool | None = None):
         RandomizableTransform.__init__(self, validate_prob(prob))
@@ -158,7 +160,7 @@ class AnomalySynthesis(RandomizableTransform):
         image = as_2d(img, "image").astype(np.float32)
         labels = lung_labels(lung, image.shape)
         synthetic = mask = None
-        if self._do_transform and ((labels > 0).any() or self.on_empty_lung == "raise"):
+        if self._do_transform and (not self.needs_lung or (labels > 0).any() or self.on_empty_lung == "raise"):
             extra = {"source": self._source(img, source, image.shape)} if self.needs_source else {}
             synthetic, mask = self.synthesize(image, labels, np.random.default_rng(self._seed), **extra)
         if synthetic is None:
