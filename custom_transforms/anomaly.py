@@ -136,17 +136,22 @@ class AnomalyPostd(MapTransform):
         score: image score kind (``"mse"`` as in the paper, ``"mean_abs"``, ``"topk_mean"``).
         threshold: ``None`` for the paper's per-image rule, else a fixed threshold on ``A``.
         region_key / region_dilation: restrict the mask to ``d[region_key] > 0`` dilated by this many px.
-        mask_key: if set (validation on synthetic anomalies), ``d["target_mask"]`` = a copy of ``d[mask_key]``
-            and ``d["is_synthetic"]`` = 1 when it has any anomaly pixel. New keys, because MONAI engines keep
+        mask_key: if set (validation on synthetic anomalies), ``d["target_mask"]`` = ``d[mask_key] >= target_threshold``
+            (0/1) and ``d["is_synthetic"]`` = 1 when it has any anomaly pixel. New keys, because MONAI engines keep
             only new or output keys of post-processing in ``engine.state.output``, which metrics read.
+        target_threshold: binarisation of soft synthetic labels (NSA's logistic label, FPI's and AnatPaste's
+            blend factor); binary masks (ART-ASyn, CutPaste) are unchanged by any value in (0, 1].
     """
 
     def __init__(self, input_key: str = "image", pred_key: str = "pred", score: str = "mse",
                  floor: float = 0.03, rel: float = 0.2, threshold: float | None = None,
                  region_key: str | None = None, region_dilation: int = 0, mask_key: str | None = None,
-                 allow_missing_keys: bool = False):
+                 target_threshold: float = 0.5, allow_missing_keys: bool = False):
         super().__init__([input_key, pred_key], allow_missing_keys)
         validate_score_kind(score)
+        if not 0.0 < float(target_threshold) <= 1.0:
+            raise ValueError(f"target_threshold (mask_target_threshold) must be in (0, 1], got {target_threshold!r}")
+        self.target_threshold = float(target_threshold)
         if not (0.0 <= floor and 0.0 <= rel <= 1.0):
             raise ValueError(f"need floor >= 0 and 0 <= rel <= 1, got floor={floor}, rel={rel}")
         self.input_key, self.pred_key, self.score = input_key, pred_key, score
@@ -172,7 +177,7 @@ class AnomalyPostd(MapTransform):
         d["pred_mask"] = torch.as_tensor(mask).float()
         d["score"] = torch.as_tensor(image_score(img, pred, kind=self.score), dtype=torch.float32).reshape(-1)
         if self.mask_key is not None:
-            target = torch.as_tensor(d[self.mask_key]).float()
+            target = (torch.as_tensor(d[self.mask_key]).float() >= self.target_threshold).float()
             d["target_mask"] = target
             flat = target.reshape(target.shape[0], -1) if target.ndim == 4 else target.reshape(1, -1)
             d["is_synthetic"] = (flat.sum(1) > 0).float()  # one flag per image (item: shape (1,))

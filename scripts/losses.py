@@ -1,6 +1,9 @@
 """ART-ASyn losses: L_local + L_global + L_feat + L_dice (paper Sec. 3.3), with a differentiable Dice.
 
-Shapes: images ``(B, C, H, W)`` (``C = 1``) in [0, 1]; masks of the same shape, 0/1; features ``(B, ...)``.
+Shapes: images ``(B, C, H, W)`` (``C = 1``) in [0, 1]; masks of the same shape in [0, 1]; features ``(B, ...)``.
+Binary masks (ART-ASyn, CutPaste) are the paper's case; soft labels of other synthesis methods (NSA's logistic
+label, FPI's and AnatPaste's blend factor) enter as they are: as per-pixel weights in L_local and as soft targets
+in the Dice term. Validation binarises them at ``mask_target_threshold`` (``AnomalyPostd``).
 Every term is computed per sample and then averaged over the batch (see each function for the samples
 that take part), so a term never mixes pixels of different images before its reduction.
 """

@@ -13,7 +13,7 @@ from tests.helpers import CONFIGS, REPO
 
 TRAIN, INFER, EVAL = CONFIGS / "train.json", CONFIGS / "inference.json", CONFIGS / "evaluate.json"
 MULTI_GPU = CONFIGS / "multi_gpu_train.json"
-OVERRIDES = sorted((CONFIGS / "overrides").glob("*.json"))
+OVERRIDES = sorted((CONFIGS / "overrides").glob("*.json")) + sorted((CONFIGS / "methods").glob("*.json"))
 TINY = REPO / "tests" / "configs" / "tiny.json"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.json")) + [TINY]
 

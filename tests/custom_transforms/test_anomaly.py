@@ -89,6 +89,18 @@ def test_mask_key_writes_target_and_flag():
     assert post(item(img, pred, mask=torch.zeros(1, 4, 4)))["is_synthetic"].tolist() == [0.0]
 
 
+def test_soft_synthetic_labels_are_binarised_for_validation():
+    """NSA/FPI/AnatPaste write soft labels; the validation target is ``mask >= target_threshold``."""
+    img, pred = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    soft = torch.tensor([[[0.0, 0.2, 0.5, 0.9]] * 4])
+    d = AnomalyPostd(mask_key="mask")(item(img, pred, mask=soft))
+    torch.testing.assert_close(d["target_mask"], (soft >= 0.5).float())
+    faint = AnomalyPostd(mask_key="mask", target_threshold=0.95)(item(img, pred, mask=soft))
+    assert faint["is_synthetic"].tolist() == [0.0] and not faint["target_mask"].any()
+    with pytest.raises(ValueError, match="mask_target_threshold"):
+        AnomalyPostd(mask_key="mask", target_threshold=0.0)
+
+
 def test_bad_arguments_and_missing_keys():
     for kw in ({"floor": -0.1}, {"rel": 1.5}, {"rel": -0.1}):
         with pytest.raises(ValueError, match="floor"):
