@@ -303,6 +303,22 @@ def test_evaluate_workflow_metrics(evaluation, demo_dir, trained):
     assert runs.iloc[0]["metrics.test_auroc"] == pytest.approx(m["auroc"])
 
 
+def test_evaluate_zero_shot_on_a_test_only_folder(tmp_path, trained, demo_dir):
+    """Zero-shot protocol: trained on one dataset, evaluated on another that holds only a test split."""
+    target = tmp_path / "target"
+    for sub in ("test", "ground_truth"):
+        shutil.copytree(demo_dir / sub, target / sub)
+    eval_dir = tmp_path / "eval"
+    wf = make_workflow(EVAL, "eval", bundle_root=str(trained.root), dataset_dir=str(tmp_path / "source_not_here"),
+                       test_dir=str(target), eval_dir=str(eval_dir), eval_run_name="eval_zero_shot_test")
+    res = run_workflow(wf)
+    assert not res.missing
+    report = json.loads((eval_dir / "metrics.json").read_text())
+    assert report["metrics"]["n_images"] == 6 and report["metrics"]["n_with_mask"] == 3
+    assert report["params"]["test_dir"] == str(target)
+    assert report["params"]["dataset_dir"] == str(tmp_path / "source_not_here")  # the training set, as recorded
+
+
 def test_evaluate_calibrated_mask_rule_in_lung(tmp_path, trained, demo_dir):
     from custom_transforms.anomaly import dilate_region
     from scripts.evaluation import AnomalyEvaluationHandler
