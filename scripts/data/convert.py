@@ -7,7 +7,8 @@ Supported sources (point ``--src`` at the folder you downloaded):
   diseased otherwise).
 - ``zhanglab``: Kermany/ZhangLab ``chest_xray/{train,test}/{NORMAL,PNEUMONIA}``. train/NORMAL ->
   train/healthy, test/NORMAL -> test/healthy, test/PNEUMONIA -> test/diseased (train pneumonia unused:
-  the method is unsupervised).
+  the method is unsupervised). A download without ``train/`` converts its test split only (a zero-shot
+  evaluation target, see ``test_dir`` in configs/evaluate.json).
 - ``qata``: QaTa-COV19-v2 ``<Train|Test> Set/Images`` and ``Ground-truths`` (``mask_<name>.png``):
   all images -> test/diseased with their masks in ground_truth/diseased (zero-shot segmentation).
 
@@ -73,12 +74,22 @@ def plan_zhanglab(src: Path) -> Plan:
     if (src / "chest_xray").is_dir() and not (src / "train").is_dir():
         src = src / "chest_xray"
     plan: Plan = []
-    for split, folder, sub, label in (("train", "train/NORMAL", "healthy", 0), ("test", "test/NORMAL", "healthy", 0),
-                                      ("test", "test/PNEUMONIA", "diseased", 1)):
-        d = src / folder
-        if not d.is_dir():
-            raise FileNotFoundError(f"ZhangLab: folder '{d}' not found (point --src at chest_xray/)")
-        plan += [(p, f"{split}/{sub}/{p.name}", label, split, None) for p in list_images(d)]
+    folders = (("train", "train/NORMAL", "healthy", 0), ("test", "test/NORMAL", "healthy", 0),
+               ("test", "test/PNEUMONIA", "diseased", 1))
+    present = [f for f in folders if (src / f[1]).is_dir()]
+    if not present:
+        raise FileNotFoundError(f"ZhangLab: none of {[f[1] for f in folders]} found under '{src}' "
+                                f"(point --src at chest_xray/)")
+    for _, folder, _, _ in folders:
+        if (src / folder).is_dir():
+            continue
+        if folder.startswith("train"):  # a zero-shot target: test images only
+            logger.warning("ZhangLab: no '%s' under '%s': converting the test split only (a zero-shot target)",
+                           folder, src)
+        else:
+            raise FileNotFoundError(f"ZhangLab: folder '{src / folder}' not found (point --src at chest_xray/)")
+    for split, folder, sub, label in present:
+        plan += [(p, f"{split}/{sub}/{p.name}", label, split, None) for p in list_images(src / folder)]
     return plan
 
 

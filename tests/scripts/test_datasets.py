@@ -102,6 +102,19 @@ def test_convert_zhanglab_dry_run_and_symlink(tmp_path, capsys):
     assert {d["name"] for d in discover_folder(out, "test")} == {"c.png", "d.png"}
 
 
+def test_convert_zhanglab_test_only_download(tmp_path, caplog):
+    """A zero-shot target holds only test/: it converts, and a download with neither split is a clear error."""
+    src = tmp_path / "chest_xray"
+    for sub in ("test/NORMAL/c.png", "test/PNEUMONIA/d.png"):
+        _png(src / sub)
+    counts = convert("zhanglab", src, tmp_path / "out")
+    assert counts["test/healthy"] == 1 and counts["test/diseased"] == 1 and counts["train/healthy"] == 0
+    assert "test split only" in caplog.text
+    assert {d["name"] for d in discover_folder(tmp_path / "out", "test")} == {"c.png", "d.png"}
+    with pytest.raises(FileNotFoundError, match="none of"):
+        convert("zhanglab", tmp_path / "empty", tmp_path / "out2")
+
+
 def test_convert_chexpert_and_qata(tmp_path):
     src = tmp_path / "CheXpert-v1.0-small"
     _png(src / "train/patient1/study1/view1_frontal.png")
