@@ -203,6 +203,7 @@ class AnomalyEvaluationHandler:
         self.params, self.n_cases = dict(params or {}), n_cases
         self.collector = ResultCollector()
         self.metrics: dict = {}
+        self.run_id: str | None = None  # the MLflow run, once logged
 
     @property
     def results(self) -> list[dict]:
@@ -233,7 +234,7 @@ class AnomalyEvaluationHandler:
             save_png(self.output_dir / "cases.png", case_grid(cases))
             artifacts.append(self.output_dir / "cases.png")
         if self.tracking_uri:
-            log_run(self.tracking_uri, self.experiment_name, self.run_name, self.params, self.metrics, artifacts,
-                    tags={"stage": "evaluate"}, metric_prefix="test_")
+            self.run_id = log_run(self.tracking_uri, self.experiment_name, self.run_name, self.params, self.metrics,
+                                  artifacts, tags={"stage": "evaluate"}, metric_prefix="test_")
         print("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in self.metrics.items()))

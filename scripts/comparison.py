@@ -1,0 +1,267 @@
+"""The paper's comparison (ART-ASyn Table 2): a grid of synthesis methods x loss settings, each cell a training
+plus a test evaluation under one budget, all in one MLflow experiment, and the table built from MLflow.
+
+A cell is ``(method, loss)``: the configs ``train.json`` + the budget override + ``configs/methods/<method>.json``
+(+ ``configs/overrides/loss_global.json`` for ``loss="global"``, the U-Net's global MSE only; ``"artasyn"`` is
+the paper's four terms). Each cell trains in ``<out>/cells/<method>_<loss>/`` (checkpoints there, so a killed
+cell resumes). Its evaluation run carries ``method``, ``loss_name`` and ``budget`` as parameters and, as
+metrics, ``train_seconds`` (wall time of all training attempts of the cell) and ``images_seen`` (training
+iterations x batch size: healthy images drawn, each giving one clean and 1-3 synthetic samples). A cell whose
+evaluation run is FINISHED with those metrics is complete and skipped, so a grid can span several invocations
+or machines sharing the tracking store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from custom_transforms.io import atomic_write_bytes
+from custom_transforms.utils import Choice
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+LOSSES = ("global", "artasyn")
+TABLE_COLUMNS = ("method", "loss", "auroc", "ap", "dice_micro", "dice_mean", "train_seconds", "images_seen", "run_id")
+METRIC_COLUMNS = ("auroc", "ap", "dice_micro", "dice_mean")
+EXPERIMENT = "comparison"
+
+validate_loss = Choice("losses", LOSSES, "loss setting")
+
+
+def available_methods() -> tuple[str, ...]:
+    """Method names that have an override file in ``configs/methods/``."""
+    return tuple(sorted(p.stem for p in (CONFIGS / "methods").glob("*.json")))
+
+
+def validate_method(name: str) -> str:
+    """Check a method name against ``configs/methods/``.
+
+    Raises:
+        ValueError: no ``configs/methods/<name>.json``; the message lists the methods there.
+    """
+    return Choice("methods", available_methods(), "method")(name)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a synthesis method trained with one loss setting."""
+
+    method: str
+    loss: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.loss}"
+
+    def config_files(self, budget: Path | None) -> list[str]:
+        files = [CONFIGS / "train.json"] + ([Path(budget)] if budget else [])
+        files.append(CONFIGS / "methods" / f"{self.method}.json")
+        if self.loss == "global":
+            files.append(CONFIGS / "overrides" / "loss_global.json")
+        return [str(f) for f in files]
+
+
+def plan_grid(methods, losses) -> list[Cell]:
+    """Cells of ``methods x losses`` (validated), in the given order."""
+    methods = [validate_method(m) for m in methods]
+    losses = [validate_loss(v) for v in losses]
+    if not methods or not losses:
+        raise ValueError("the grid needs at least one method and one loss setting")
+    return [Cell(m, v) for m in methods for v in losses]
+
+
+def budget_name(budget: Path | None) -> str:
+    return Path(budget).stem if budget else "default"
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+
+
+def eval_runs(tracking_uri: str, experiment: str):
+    """FINISHED evaluation runs of ``experiment``, newest first, as a DataFrame (``params.*``, ``metrics.*``)."""
+    import mlflow
+    import pandas as pd
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    rows = []
+    for r in client.search_runs([exp.experiment_id], "tags.stage = 'evaluate' and attributes.status = 'FINISHED'",
+                                order_by=["attributes.start_time DESC"], max_results=5000):
+        row = {"run_id": r.info.run_id, "start_time": r.info.start_time}
+        row.update({f"params.{k}": v for k, v in r.data.params.items()})
+        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def latest_eval(runs, cell: Cell, budget: str):
+    """The newest complete evaluation run of ``cell`` under ``budget`` (a row of ``runs``) or None."""
+    if runs is None or len(runs) == 0:
+        return None
+    need = {"params.method": cell.method, "params.loss_name": cell.loss, "params.budget": budget}
+    if any(k not in runs.columns for k in need) or "metrics.train_seconds" not in runs.columns:
+        return None
+    sel = runs
+    for k, v in need.items():
+        sel = sel[sel[k] == v]
+    sel = sel[sel["metrics.train_seconds"].notna()]
+    return None if len(sel) == 0 else sel.iloc[0]
+
+
+def table_rows(runs, cells: list[Cell], budget: str) -> list[dict]:
+    """One row per cell with a complete evaluation run (columns :data:`TABLE_COLUMNS`)."""
+    rows = []
+    for cell in cells:
+        r = latest_eval(runs, cell, budget)
+        if r is None:
+            continue
+        row = {"method": cell.method, "loss": cell.loss, "run_id": r["run_id"]}
+        for k in METRIC_COLUMNS + ("train_seconds", "images_seen"):
+            v = r.get(f"metrics.test_{k}", r.get(f"metrics.{k}"))
+            row[k] = None if v is None or v != v else float(v)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _fmt(v, k: str) -> str:
+    if v is None:
+        return "-"
+    if k in ("train_seconds", "images_seen"):
+        return f"{v:.0f}"
+    return f"{v:.3f}"
+
+
+def render_markdown(rows: list[dict], title: str = "") -> str:
+    """Table 2 layout: one row per method x loss; the best value of each metric column in bold."""
+    best = {k: max((r[k] for r in rows if r[k] is not None), default=None) for k in METRIC_COLUMNS}
+    head = ["method", "loss", "AUROC", "AP", "Dice (micro)", "Dice (mean)", "train s", "images seen"]
+    lines = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(head) + " |",
+                                                         "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["loss"]]
+        for k in METRIC_COLUMNS:
+            s = _fmt(r[k], k)
+            cells.append(f"**{s}**" if r[k] is not None and r[k] == best[k] else s)
+        cells += [_fmt(r["train_seconds"], "train_seconds"), _fmt(r["images_seen"], "images_seen")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(TABLE_COLUMNS))
+    w.writeheader()
+    w.writerows({k: ("" if r[k] is None else r[k]) for k in TABLE_COLUMNS} for r in rows)
+    return buf.getvalue()
+
+
+def bar_chart_png(path, rows: list[dict], title: str = "") -> Path:
+    """Grouped bars of AUROC, AP and Dice (micro) per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{r['method']}\n{r['loss']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.6), dpi=90)
+    for i, k in enumerate(("auroc", "ap", "dice_micro")):
+        ax.bar(x + (i - 1) * 0.27, [r[k] or 0.0 for r in rows], 0.27, label=k)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=3, loc="upper right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def write_tables(out: Path, rows: list[dict], title: str) -> str:
+    """``table.md``, ``table.csv`` and ``table.png`` in ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(rows, title)
+    atomic_write_bytes(out / "table.md", md.encode())
+    atomic_write_bytes(out / "table.csv", render_csv(rows).encode())
+    if rows:
+        bar_chart_png(out / "table.png", rows, title)
+    return md
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _workflow(files, workflow_type: str, overrides: dict):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=files, workflow_type=workflow_type, meta_file=str(CONFIGS / "metadata.json"),
+                        logging_file=False, **overrides)
+    wf.initialize()
+    try:
+        wf.run()
+    finally:
+        wf.finalize()
+    return wf
+
+
+def _progress(cell_dir: Path) -> dict:
+    p = cell_dir / "progress.json"
+    return json.loads(p.read_text()) if p.is_file() else {"train_seconds": 0.0, "trained": False}
+
+
+def _save_progress(cell_dir: Path, progress: dict) -> None:
+    atomic_write_bytes(cell_dir / "progress.json", json.dumps(progress, indent=1).encode())
+
+
+def run_cell(cell: Cell, dataset_dir, test_dir, budget: Path | None, out: Path, tracking_uri: str,
+             experiment: str = EXPERIMENT, extra: dict | None = None) -> str:
+    """Train (resuming from the cell's checkpoint) and evaluate one cell; returns the evaluation run id."""
+    import mlflow
+
+    cell_dir = out / "cells" / cell.name
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    files = cell.config_files(budget)
+    common = {"bundle_root": str(cell_dir), "dataset_dir": str(dataset_dir), "tracking_uri": tracking_uri,
+              "experiment_name": experiment, "hparams#budget": budget_name(budget), **(extra or {})}
+    progress = _progress(cell_dir)
+    if not progress["trained"]:
+        t0 = time.perf_counter()
+        try:
+            _workflow(files, "train", {**common, "run_name": cell.name, "resume": True})
+        finally:  # a killed or failed attempt still counts its wall time
+            progress["train_seconds"] += time.perf_counter() - t0
+            _save_progress(cell_dir, progress)
+        progress["trained"] = True
+        _save_progress(cell_dir, progress)
+    wf = _workflow(files + [str(CONFIGS / "evaluate.json")], "eval",
+                   {**common, "test_dir": str(test_dir), "eval_run_name": f"eval_{cell.name}"})
+    handler = next(h for h in wf.parser.get_parsed_content("handlers") if hasattr(h, "run_id"))
+    batch = wf.parser.get_parsed_content("hparams#batch_size")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    train_run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                   f"attributes.run_name = '{cell.name}'", order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+    iterations = 0
+    if train_run:
+        history = client.get_metric_history(train_run[0].info.run_id, "loss")
+        iterations = max((m.step for m in history), default=0)
+        client.set_tag(handler.run_id, "train_run_id", train_run[0].info.run_id)
+    client.log_metric(handler.run_id, "images_seen", float(iterations * batch))
+    client.log_metric(handler.run_id, "train_seconds", float(progress["train_seconds"]))  # logged last: complete
+    return handler.run_id
