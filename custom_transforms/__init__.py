@@ -27,13 +27,18 @@ from custom_transforms.lung import (
 from custom_transforms.lung.otsu import otsu_lung_seg
 from custom_transforms.lung.pbtseg import pbtseg
 from custom_transforms.synthesis import (
+    METHODS,
     STEPS,
+    AnatPasted,
     AnomalySynthesis,
     AnomalySynthesisd,
     ARTASyn,
     ARTASynd,
     ARTASynParams,
     CleanSampled,
+    CutPasted,
+    FPId,
+    NSAd,
     SeededPerSampled,
     SourcePool,
     SyntheticCopiesd,
@@ -48,7 +53,8 @@ __all__ = [
     "LungNotFoundError", "LungNotFoundWarning", "LungSeg", "LungSegd", "OtsuLungSeg", "OtsuLungSegd", "PBTSeg",
     "PBTSegd", "otsu_lung_seg", "pbtseg",
     # synthesis
-    "STEPS", "AnomalySynthesis", "AnomalySynthesisd", "ARTASyn", "ARTASynd", "ARTASynParams", "CleanSampled",
+    "METHODS", "STEPS", "AnomalySynthesis", "AnomalySynthesisd", "ARTASyn", "ARTASynd", "ARTASynParams", "CutPasted",
+    "NSAd", "AnatPasted", "FPId", "CleanSampled",
     "SeededPerSampled", "SourcePool", "SyntheticCopiesd", "make_brush", "synthesize_artasyn",
     # anomaly maps, scores, masks
     "SCORE_KINDS", "AnomalyPostd", "anomaly_map", "calibrate_threshold", "image_score", "paper_mask",

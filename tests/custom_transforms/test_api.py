@@ -11,15 +11,18 @@ from tests.helpers import REPO
 
 
 def test_public_api_imports():
-    from custom_transforms import ARTASynd, LoadCXRd, OtsuLungSegd, PBTSegd, SyntheticCopiesd  # noqa: F401
+    from custom_transforms import METHODS, ARTASynd, LoadCXRd, OtsuLungSegd, PBTSegd, SyntheticCopiesd  # noqa: F401
 
+    assert sorted(METHODS) == sorted(p.stem for p in (REPO / "configs" / "methods").glob("*.json") if p.stem != "none")
     for name in custom_transforms.__all__:
         assert getattr(custom_transforms, name) is not None, name
     assert len(set(custom_transforms.__all__)) == len(custom_transforms.__all__)
 
 
 @pytest.mark.parametrize("module", ["custom_transforms.lung.pbtseg", "custom_transforms.lung.otsu",
-                                    "custom_transforms.synthesis.artasyn", "custom_transforms.synthesis.samples"])
+                                    "custom_transforms.synthesis.artasyn", "custom_transforms.synthesis.samples",
+                                    "custom_transforms.synthesis.cutpaste", "custom_transforms.synthesis.nsa",
+                                    "custom_transforms.synthesis.anatpaste", "custom_transforms.synthesis.fpi"])
 def test_submodule_paths_resolve_for_configs(module):
     """``_target_`` paths by module stay locatable (no package attribute shadows a submodule)."""
     import pydoc

@@ -9,14 +9,18 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom_transforms import ARTASyn, ARTASynd, SeededPerSampled, SyntheticCopiesd
+from custom_transforms import AnatPasted, ARTASyn, ARTASynd, CutPasted, FPId, NSAd, SeededPerSampled, SyntheticCopiesd
 from tests.custom_transforms.test_artasyn import phantom
 
 IMG, LUNG = phantom(64)
 
 
+SOURCE = np.ascontiguousarray(IMG[:, ::-1] * 0.8 + 0.1)  # a second image for NSA and FPI
+
+
 def sample(container=np.asarray):
-    return {"image": container(IMG[None].copy()), "lung": container(LUNG[None].copy())}
+    return {"image": container(IMG[None].copy()), "lung": container(LUNG[None].copy()),
+            "source": container(SOURCE[None].copy())}
 
 
 def as_np(x):
@@ -27,6 +31,12 @@ DICT_TRANSFORMS = {
     "ARTASynd": lambda: ARTASynd(keys="image"),
     "ARTASynd(prob=0.5)": lambda: ARTASynd(keys="image", prob=0.5),
     "SyntheticCopiesd(ARTASynd)": lambda: SyntheticCopiesd(ARTASynd(keys="image"), n_synthetic=(1, 3)),
+    "CutPasted": lambda: CutPasted(keys="image", variant="union"),
+    "AnatPasted": lambda: AnatPasted(keys="image"),
+    "NSAd": lambda: NSAd(keys="image", source_key="source"),
+    "FPId": lambda: FPId(keys="image", source_key="source"),
+    "SyntheticCopiesd(FPId)": lambda: SyntheticCopiesd(FPId(keys="image", source_key="source"), n_synthetic=(1, 3)),
+    "SyntheticCopiesd(NSAd)": lambda: SyntheticCopiesd(NSAd(keys="image", source_key="source"), n_synthetic=(1, 3)),
 }
 
 
