@@ -4,15 +4,18 @@ The pure functions of this package work on 2-D numpy arrays ``(H, W)``; MONAI tr
 channel-first ``(1, H, W)`` numpy arrays, tensors or ``MetaTensor`` s. :func:`as_2d` goes one way with
 ``monai.utils.convert_to_numpy``, :func:`like` the other with ``monai.utils.convert_to_dst_type``
 (numpy in, numpy out; tensor in, tensor on the same device; ``MetaTensor`` in, ``MetaTensor`` carrying a
-copy of the reference's metadata), so every transform keeps the container it was given.
+copy of the reference's metadata), so every transform keeps the container it was given. It also holds the
+validators of config values shared by the transforms (:class:`Choice`, :func:`check_flag`, :func:`range_pair`).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
-__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "like", "per_image", "source_name"]
+__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "check_flag", "like", "per_image", "range_pair", "source_name"]
 
 MIN_SIZE = 16  # smallest accepted image side (px) for segmentation and synthesis
 
@@ -103,3 +106,32 @@ class Choice:
             name = f"{self.what} ({self.key})" if self.what else self.key
             raise ValueError(f"{name} must be one of {self.allowed}, got {value!r}")
         return value
+
+
+def check_flag(value, where: str) -> bool:
+    """``value`` as a ``bool``.
+
+    Raises:
+        ValueError: ``value`` is not a Python or numpy bool; the message starts with ``where`` (the field and
+            its config key).
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def range_pair(where: str, value, low: float, high: float, low_open: bool) -> tuple[float, float]:
+    """``value`` as a ``(lo, hi)`` tuple of finite floats with ``low (<|<=) lo <= hi <= high``.
+
+    Raises:
+        ValueError: not a pair of numbers, or out of range; the message starts with ``where``.
+    """
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a pair (low, high) of numbers, got {value!r}") from None
+    ok_low = lo > low if low_open else lo >= low
+    if not (ok_low and lo <= hi <= high and math.isfinite(lo) and math.isfinite(hi)):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{where} must satisfy low <= high within {bracket}{low:g}, {high:g}], got {value!r}")
+    return lo, hi

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from custom_transforms.io import atomic_write_bytes
 from custom_transforms.utils import Choice
+from scripts.visualization import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +186,7 @@ def bar_chart_png(path, rows: list[dict], title: str = "") -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, ncol=3, loc="upper right")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_tables(out: Path, rows: list[dict], title: str) -> str:

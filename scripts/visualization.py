@@ -15,7 +15,7 @@ import numpy as np
 from custom_transforms.io import atomic_write_bytes, save_png
 
 __all__ = ["RIGHT_LUNG_RGB", "LEFT_LUNG_RGB", "MASK_RGB", "GT_RGB", "to_rgb", "heat_rgb", "draw_contours",
-           "overlay", "title_bar", "save_grid", "roc_pr_png", "case_grid"]
+           "overlay", "title_bar", "save_grid", "save_figure", "roc_pr_png", "case_grid"]
 
 RIGHT_LUNG_RGB, LEFT_LUNG_RGB, MASK_RGB, GT_RGB = (230, 40, 40), (40, 110, 255), (255, 220, 0), (0, 255, 0)
 
@@ -87,6 +87,13 @@ def roc_pr_png(path, scores, labels, auroc: float, ap: float) -> Path:
     ax[1].set(xlabel="recall", ylabel="precision", title="Precision-recall")
     for a in ax:
         a.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -63,7 +63,6 @@ Conventions and implementation choices
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -72,7 +71,7 @@ import cv2
 import numpy as np
 from monai.config import KeysCollection
 
-from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd
+from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd, check_lung_values, resolve_params
 from custom_transforms.utils import MIN_SIZE, Choice
 
 __all__ = ["LUNG_KEYS", "AnatPasteParams", "synthesize_anatpaste", "lung_key_for", "AnatPaste", "AnatPasted"]
@@ -257,17 +256,6 @@ def _paste_layer(img: np.ndarray, d: _Draw, box: tuple[slice, slice]) -> np.ndar
 # the pure function
 
 
-def _resolve_params(params: AnatPasteParams | None, overrides: dict, owner: str) -> AnatPasteParams:
-    """``params`` (default: the published values) with single fields replaced by name."""
-    if params is not None and not isinstance(params, AnatPasteParams):
-        raise TypeError(f"{owner}: params must be an AnatPasteParams, got {type(params).__name__}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(AnatPasteParams)})
-    if unknown:
-        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of AnatPasteParams")
-    p = params or AnatPasteParams()
-    return dataclasses.replace(p, **overrides) if overrides else p
-
-
 def _prepare_inputs(image, lung) -> tuple[np.ndarray, np.ndarray]:
     """Checked inputs: float32 image clipped to [0, 1] and the flat indices of the lung pixels."""
     image, lung = np.asarray(image), np.asarray(lung)
@@ -277,9 +265,7 @@ def _prepare_inputs(image, lung) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"lung label map shape {lung.shape} does not match image shape {image.shape}")
     if min(image.shape) < MIN_SIZE:
         raise ValueError(f"image too small for AnatPaste: shape {image.shape}, need at least {MIN_SIZE} px a side")
-    if lung.dtype != bool and (lung.min() < 0 or lung.max() > 2):
-        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
-                         f"got values in [{lung.min()}, {lung.max()}]")
+    check_lung_values(lung)
     lung_idx = np.flatnonzero(lung)
     if lung_idx.size == 0:
         raise ValueError("lung label map has no lung pixel: cannot place an AnatPaste anomaly "
@@ -308,7 +294,7 @@ def synthesize_anatpaste(image: np.ndarray, lung: np.ndarray, rng: np.random.Gen
         ValueError: bad shapes, label values or parameter values, or a lung map with no lung pixel.
         TypeError: an unknown parameter name.
     """
-    p = _resolve_params(params, overrides, "synthesize_anatpaste")
+    p = resolve_params(AnatPasteParams, params, overrides, "synthesize_anatpaste")
     img, lung_idx = _prepare_inputs(image, lung)
     H, W = img.shape
     s = math.sqrt(H * W) / p.reference_size
@@ -342,10 +328,12 @@ class AnatPaste(AnomalySynthesis):
         prob / on_empty_lung: see :class:`~custom_transforms.synthesis.base.AnomalySynthesis`.
     """
 
+    params_class = AnatPasteParams
+
     def __init__(self, params: AnatPasteParams | None = None, prob: float = 1.0, on_empty_lung: str = "clean",
                  **kwargs):
         super().__init__(prob, on_empty_lung)
-        self.params = _resolve_params(params, kwargs, type(self).__name__)
+        self._set_params(params, kwargs)
 
     def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
         return synthesize_anatpaste(image, lung, rng, params=self.params)
@@ -366,5 +354,5 @@ class AnatPasted(AnomalySynthesisd):
     def __init__(self, keys: KeysCollection = ("image",), lung_key: str = "lung", synthetic_key: str = "synthetic",
                  mask_key: str = "mask", prob: float = 1.0, on_empty_lung: str = "clean",
                  allow_missing_keys: bool = False, params: AnatPasteParams | None = None, **kwargs):
-        synth = AnatPaste(params=_resolve_params(params, kwargs, type(self).__name__), on_empty_lung=on_empty_lung)
+        synth = self.make_synthesizer(AnatPaste, params, kwargs, on_empty_lung=on_empty_lung)
         super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys)

@@ -53,8 +53,8 @@ Conventions and implementation choices
   seed count is kept at 500: cells then cover the same fraction of the image at every size.
 * Computation is in float32 with continuous values (the reference rounds to uint8 after every step).
 
-Speed tricks (≈3 images/s for the reference code vs. ``python -m scripts.benchmarks.artasyn``)
----------------------------------------------------------------------------------------------
+Speed tricks (≈3 images/s for the reference code vs. ``python -m scripts.benchmarks.synthesis``)
+------------------------------------------------------------------------------------------------
 * **Stamp bank.** Rotated/resized brush stamps are precomputed once per (brush, base width, image
   scale) -- about 0.1 s and 4 MB per base width at 256 px -- for ``n_angles`` = 72 angles (5 deg
   steps; a stamp's angle is rounded to the nearest) and ``n_widths`` = 16 widths per base width, spaced
@@ -79,7 +79,6 @@ Speed tricks (≈3 images/s for the reference code vs. ``python -m scripts.bench
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from collections import OrderedDict
@@ -91,7 +90,7 @@ import cv2
 import numpy as np
 from monai.config import KeysCollection
 
-from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd
+from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd, check_lung_values, resolve_params
 from custom_transforms.synthesis.brush import make_brush
 from custom_transforms.utils import Choice
 
@@ -404,21 +403,6 @@ def _nonzero_box(a: np.ndarray) -> _Box | None:
 _check_steps = Choice("synthesis_steps", STEPS, "steps")  # supplementary Table S1 ablation
 
 
-def _check_param_names(names, owner: str) -> None:
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(ARTASynParams)})
-    if unknown:
-        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of ARTASynParams")
-
-
-def _resolve_params(params: ARTASynParams | None, overrides: dict) -> ARTASynParams:
-    """``params`` (default: the published values, Sec. 3.2.1 / supp. Sec. 1) with single fields replaced."""
-    p = params or ARTASynParams()
-    if overrides:
-        _check_param_names(overrides, "synthesize_artasyn")
-        p = dataclasses.replace(p, **overrides)
-    return p
-
-
 def _validate(image: np.ndarray, lung: np.ndarray, steps: str):
     _check_steps(steps)
     if image.ndim != 2:
@@ -436,9 +420,7 @@ def _prepare_inputs(image, lung, steps: str) -> tuple[np.ndarray, np.ndarray, li
     img = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
     if lung.dtype == bool:
         lung = lung.astype(np.uint8)
-    if lung.size and (lung.min() < 0 or lung.max() > 2):
-        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
-                         f"got values in [{lung.min()}, {lung.max()}]")
+    check_lung_values(lung)
     sides = [np.argwhere(lung == lab)[:, ::-1] for lab in (1, 2)]  # (x, y) per lung side
     if all(len(sp) == 0 for sp in sides):
         raise ValueError("lung label map has no lung pixel: cannot place an ART-ASyn anomaly "
@@ -582,7 +564,7 @@ def synthesize_artasyn(
         ValueError: bad ``steps``, shapes, label values, or a lung map with no lung pixel.
         TypeError: an unknown parameter name.
     """
-    p = _resolve_params(params, overrides)
+    p = resolve_params(ARTASynParams, params, overrides, "synthesize_artasyn")
     img, lung, sides = _prepare_inputs(image, lung, steps)
     brush, brush_key = _resolve_brush(brush)
     H, W = img.shape
@@ -618,12 +600,13 @@ class ARTASyn(AnomalySynthesis):
         prob / on_empty_lung: see :class:`~custom_transforms.synthesis.base.AnomalySynthesis`.
     """
 
+    params_class = ARTASynParams
+
     def __init__(self, steps: str = "full", brush: np.ndarray | None = None, params: ARTASynParams | None = None,
                  prob: float = 1.0, on_empty_lung: str = "clean", **kwargs):
         super().__init__(prob, on_empty_lung)
-        _check_param_names(kwargs, type(self).__name__)
+        self._set_params(params, kwargs)
         self.steps = _check_steps(steps)
-        self.params = dataclasses.replace(params or ARTASynParams(), **kwargs)
         self.brush = None if brush is None else np.asarray(brush, np.float32)
 
     def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
@@ -644,6 +627,5 @@ class ARTASynd(AnomalySynthesisd):
                  mask_key: str = "mask", prob: float = 1.0, steps: str = "full", on_empty_lung: str = "clean",
                  brush: np.ndarray | None = None, allow_missing_keys: bool = False,
                  params: ARTASynParams | None = None, **kwargs):
-        _check_param_names(kwargs, type(self).__name__)
-        synth = ARTASyn(steps=steps, brush=brush, params=params, on_empty_lung=on_empty_lung, **kwargs)
+        synth = self.make_synthesizer(ARTASyn, params, kwargs, steps=steps, brush=brush, on_empty_lung=on_empty_lung)
         super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys)

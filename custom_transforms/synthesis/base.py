@@ -20,11 +20,17 @@ of :class:`AnomalySynthesisd` that builds one. The bases own everything else, as
   loading and intensity transforms as the images. The array transform draws the pool index in
   ``randomize()`` with the rest of its randomness, so seeding, ``SeededPerSampled`` validation sets, loader
   workers and DDP ranks need nothing else; a ``source`` given in the call (or the dictionary's
-  ``source_key``) takes precedence.
+  ``source_key``) takes precedence. :class:`SourceSynthesis` / :class:`SourceSynthesisd` are the bases of
+  these methods;
+- **parameters**: a method's parameters are a frozen dataclass (``params_class``, e.g. ``FPIParams``);
+  ``params`` and keyword overrides of single fields, checked by name (:func:`resolve_params`), give
+  ``self.params``, and the dictionary transform resolves them before building its array transform, so its
+  errors name the transform the user called.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -34,8 +40,9 @@ from monai.utils import TransformBackends
 
 from custom_transforms.utils import Choice, as_2d, like, source_name
 
-__all__ = ["ON_EMPTY_LUNG", "AnomalySynthesis", "AnomalySynthesisd", "SourcePool", "validate_on_empty_lung",
-           "validate_prob"]
+__all__ = ["ON_EMPTY_LUNG", "AnomalySynthesis", "AnomalySynthesisd", "SourcePool", "SourceSynthesis",
+           "SourceSynthesisd", "check_lung_values", "check_param_names", "check_source_inputs",
+           "resolve_params", "validate_on_empty_lung", "validate_prob"]
 
 ON_EMPTY_LUNG = ("clean", "raise")
 
@@ -56,6 +63,77 @@ def validate_prob(prob: float, name: str = "synthesis_prob") -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"prob ({name}) must be in [0, 1], got {prob!r}")
     return p
+
+
+def check_param_names(names, params_class: type, owner: str, list_fields: bool = False) -> None:
+    """Check that every name in ``names`` is a field of the dataclass ``params_class``.
+
+    Raises:
+        TypeError: an unknown name; the message names ``owner`` (the function or transform given it) and,
+            with ``list_fields``, the valid names.
+    """
+    fields = [f.name for f in dataclasses.fields(params_class)]
+    unknown = sorted(set(names) - set(fields))
+    if unknown:
+        valid = f" ({', '.join(fields)})" if list_fields else ""
+        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of "
+                        f"{params_class.__name__}{valid}")
+
+
+def resolve_params(params_class: type, params, overrides: Mapping, owner: str, list_fields: bool = False):
+    """``params`` (default: ``params_class()``, the published values) with single fields replaced by ``overrides``.
+
+    Raises:
+        TypeError: ``params`` is not a ``params_class``, or an override is not one of its fields
+            (:func:`check_param_names`); the message names ``owner``.
+        ValueError: a replaced field is invalid (the dataclass's own checks).
+    """
+    name = params_class.__name__
+    if params is not None and not isinstance(params, params_class):
+        article = "an" if name[:1].upper() in "AEFHILMNORSX" else "a"  # as read aloud: "an FPIParams"
+        raise TypeError(f"{owner}: params must be {article} {name}, got {type(params).__name__}")
+    check_param_names(overrides, params_class, owner, list_fields)
+    p = params or params_class()
+    return dataclasses.replace(p, **overrides) if overrides else p
+
+
+def check_lung_values(lung: np.ndarray) -> None:
+    """Check lung labels: 0 (background), 1 (right lung) or 2 (left lung); bool maps pass.
+
+    Raises:
+        ValueError: a value outside 0..2.
+    """
+    if lung.size and (lung.min() < 0 or lung.max() > 2):
+        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
+                         f"got values in [{lung.min()}, {lung.max()}]")
+
+
+def check_source_inputs(image, lung, source, min_side: int, missing_source: str):
+    """The inputs of a pure function that takes a second image: ``(image, lung, source)`` numpy ``(H, W)``.
+
+    The arrays keep their dtypes (bool lungs become uint8); conversion and clipping are the method's.
+
+    Raises:
+        ValueError: ``image`` not 2-D or under ``min_side`` px a side, ``lung`` or ``source`` of another shape,
+            bad lung labels, or no ``source`` (the message ``missing_source``).
+    """
+    image, lung = np.asarray(image), np.asarray(lung)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
+    if min(image.shape) < min_side:
+        raise ValueError(f"image too small for synthesis: {image.shape} (at least {min_side} px a side)")
+    if lung.shape != image.shape:
+        raise ValueError(f"lung label map shape {lung.shape} does not match image shape {image.shape}")
+    if source is None:
+        raise ValueError(missing_source)
+    source = np.asarray(source)
+    if source.shape != image.shape:
+        raise ValueError(f"source image shape {source.shape} does not match image shape {image.shape} "
+                         f"(load both at the same image_size)")
+    if lung.dtype == bool:
+        lung = lung.astype(np.uint8)
+    check_lung_values(lung)
+    return image, lung, source
 
 
 def lung_labels(lung, image_shape: tuple, name: str = "lung") -> np.ndarray:
@@ -112,6 +190,9 @@ class AnomalySynthesis(RandomizableTransform):
     Subclasses implement :meth:`synthesize` by calling their pure function with the generator given; a
     method that needs a second image sets ``needs_source = True`` and receives it as ``source``; a method
     that does not place its anomaly by the lungs sets ``needs_lung = False`` (class or instance attribute).
+    ``params_class`` is the method's parameter dataclass; :meth:`_set_params` sets ``self.params`` from
+    ``params`` and keyword overrides (``list_param_names``: name the valid fields in the error on an unknown
+    one).
 
     Args:
         prob: probability of synthesising; otherwise the sample is clean.
@@ -123,12 +204,19 @@ class AnomalySynthesis(RandomizableTransform):
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
     needs_source = False  # True: the method pastes from a second image (``source``)
     needs_lung = True  # False: the method ignores the lungs, so an empty lung map does not make a clean sample
+    params_class: type | None = None  # the method's parameter dataclass (``self.params``)
+    list_param_names = False  # True: an unknown parameter's error lists the valid names
 
     def __init__(self, prob: float = 1.0, on_empty_lung: str = "clean", source_pool: SourcePool | None = None):
         RandomizableTransform.__init__(self, validate_prob(prob))
         self.on_empty_lung = validate_on_empty_lung(on_empty_lung)
         self.source_pool = source_pool
         self._seed, self._source_index = 0, 0
+
+    def _set_params(self, params, overrides: Mapping) -> None:
+        """``self.params``: ``params`` (default: the published values) with the ``overrides`` fields replaced."""
+        self.params = resolve_params(self.params_class, params, overrides, type(self).__name__,
+                                     self.list_param_names)
 
     def randomize(self, data=None) -> None:
         """Draw whether to synthesise, the seed of this call's generator and the source index (all always drawn)."""
@@ -194,6 +282,15 @@ class AnomalySynthesisd(RandomizableTransform, MapTransform):
         self.lung_key, self.synthetic_key, self.mask_key = lung_key, synthetic_key, mask_key
         self.source_key = source_key
 
+    @classmethod
+    def make_synthesizer(cls, synth_class: type[AnomalySynthesis], params, overrides: Mapping,
+                         **kwargs) -> AnomalySynthesis:
+        """``synth_class(params=..., **kwargs)``, its ``params`` resolved here against the keyword ``overrides``
+        (so that a bad parameter's error names this dictionary transform)."""
+        params = resolve_params(synth_class.params_class, params, overrides, cls.__name__,
+                                synth_class.list_param_names)
+        return synth_class(params=params, **kwargs)
+
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         super().set_random_state(seed, state)
         self.synthesizer.set_random_state(seed, state)
@@ -214,3 +311,49 @@ class AnomalySynthesisd(RandomizableTransform, MapTransform):
             d[self.synthetic_key], d[self.mask_key] = self.synthesizer(d[key], d[self.lung_key], source=source,
                                                                        randomize=False)
         return d
+
+
+class SourceSynthesis(AnomalySynthesis):
+    """Array base of the methods that take their patch from a second training image (NSA, FPI).
+
+    The second image is the ``source`` given in the call, else one drawn from ``source_pool`` (its index is
+    drawn in ``randomize()``). The lungs matter only with the parameter ``restrict_to_lung=True``
+    (``needs_lung``), so an empty lung map does not make a clean sample otherwise. A subclass sets
+    ``params_class`` (a dataclass with a ``restrict_to_lung`` field) and implements :meth:`synthesize`.
+
+    Args:
+        params: a ``params_class`` instance; keyword ``**kwargs`` (its field names) replace single fields.
+        prob / on_empty_lung / source_pool: see :class:`AnomalySynthesis`.
+    """
+
+    needs_source = True
+    list_param_names = True
+
+    def __init__(self, params=None, prob: float = 1.0, on_empty_lung: str = "clean",
+                 source_pool: SourcePool | None = None, **kwargs):
+        super().__init__(prob, on_empty_lung, source_pool)
+        self._set_params(params, kwargs)
+        self.needs_lung = self.params.restrict_to_lung
+
+
+class SourceSynthesisd(AnomalySynthesisd):
+    """Dictionary base of the methods with a second image: holds a ``synthesizer_class`` (a :class:`SourceSynthesis`).
+
+    Reads ``d[key]`` (``(1, H, W)`` image in [0, 1]), ``d[lung_key]`` (``(1, H, W)`` labels) and, when
+    ``source_key`` is set and present, ``d[source_key]`` (the second image; otherwise one from
+    ``source_pool``); writes ``d[synthetic_key]`` and ``d[mask_key]`` (``(1, H, W)`` float32) in the image's
+    container. With probability ``1 - prob`` the sample is clean. ``set_random_state(seed)`` reproduces
+    results exactly, the pool image included (forwarded to the array transform it holds). Other arguments as
+    the array transform.
+    """
+
+    synthesizer_class: type[SourceSynthesis] = SourceSynthesis
+
+    def __init__(self, keys: KeysCollection = ("image",), lung_key: str = "lung", synthetic_key: str = "synthetic",
+                 mask_key: str = "mask", prob: float = 1.0, on_empty_lung: str = "clean",
+                 source_pool: SourcePool | None = None, source_key: str | None = None,
+                 allow_missing_keys: bool = False, params=None, **kwargs):
+        synth = self.make_synthesizer(self.synthesizer_class, params, kwargs, on_empty_lung=on_empty_lung,
+                                      source_pool=source_pool)
+        super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys,
+                         source_key=source_key)

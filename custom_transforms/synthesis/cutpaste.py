@@ -54,15 +54,14 @@ Implementation choices
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from monai.config import KeysCollection
 
-from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd
-from custom_transforms.utils import Choice
+from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd, check_lung_values, resolve_params
+from custom_transforms.utils import Choice, check_flag
 
 __all__ = ["VARIANTS", "CutPasteParams", "synthesize_cutpaste", "CutPaste", "CutPasted"]
 
@@ -147,26 +146,8 @@ class CutPasteParams:
             object.__setattr__(self, name, value)
 
 
-def _check_param_names(names, owner: str) -> None:
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(CutPasteParams)})
-    if unknown:
-        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of CutPasteParams")
-
-
-def _resolve_params(params: CutPasteParams | None, overrides: dict) -> CutPasteParams:
-    """``params`` (default: the published values) with single fields replaced by ``overrides``."""
-    p = params or CutPasteParams()
-    if overrides:
-        _check_param_names(overrides, "synthesize_cutpaste")
-        p = dataclasses.replace(p, **overrides)
-    return p
-
-
 def _check_restrict(restrict_to_lung) -> bool:
-    if not isinstance(restrict_to_lung, (bool, np.bool_)):
-        raise ValueError(f"restrict_to_lung (cutpaste_restrict_to_lung) must be true or false, "
-                         f"got {restrict_to_lung!r}")
-    return bool(restrict_to_lung)
+    return check_flag(restrict_to_lung, "restrict_to_lung (cutpaste_restrict_to_lung)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,9 +172,7 @@ def _prepare_inputs(image, lung, restrict_to_lung: bool) -> tuple[np.ndarray, np
     lung = np.asarray(lung)
     if lung.shape != img.shape:
         raise ValueError(f"lung label map shape {lung.shape} does not match image shape {img.shape}")
-    if lung.size and (lung.min() < 0 or lung.max() > 2):
-        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
-                         f"got values in [{lung.min()}, {lung.max()}]")
+    check_lung_values(lung)
     if not restrict_to_lung:
         return img, None  # CutPaste does not look at the lungs
     centres = np.flatnonzero(lung.ravel() > 0)
@@ -297,7 +276,7 @@ def synthesize_cutpaste(
             smaller than 8 px a side, bad parameter values, or no lung pixel with ``restrict_to_lung``.
         TypeError: an unknown parameter name.
     """
-    p = _resolve_params(params, overrides)
+    p = resolve_params(CutPasteParams, params, overrides, "synthesize_cutpaste")
     validate_variant(variant)
     img, centres = _prepare_inputs(image, lung, _check_restrict(restrict_to_lung))
     shape = img.shape
@@ -341,14 +320,15 @@ class CutPaste(AnomalySynthesis):
         prob / on_empty_lung: see :class:`~custom_transforms.synthesis.base.AnomalySynthesis`.
     """
 
+    params_class = CutPasteParams
+
     def __init__(self, variant: str = "normal", restrict_to_lung: bool = False, params: CutPasteParams | None = None,
                  prob: float = 1.0, on_empty_lung: str = "clean", **kwargs):
         super().__init__(prob, on_empty_lung)
-        _check_param_names(kwargs, type(self).__name__)
+        self._set_params(params, kwargs)
         self.variant = validate_variant(variant)
         self.restrict_to_lung = _check_restrict(restrict_to_lung)
         self.needs_lung = self.restrict_to_lung
-        self.params = dataclasses.replace(params or CutPasteParams(), **kwargs)
 
     def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
         return synthesize_cutpaste(image, lung, rng, params=self.params, variant=self.variant,
@@ -369,7 +349,6 @@ class CutPasted(AnomalySynthesisd):
                  mask_key: str = "mask", prob: float = 1.0, variant: str = "normal", restrict_to_lung: bool = False,
                  on_empty_lung: str = "clean", allow_missing_keys: bool = False,
                  params: CutPasteParams | None = None, **kwargs):
-        _check_param_names(kwargs, type(self).__name__)
-        synth = CutPaste(variant=variant, restrict_to_lung=restrict_to_lung, params=params,
-                         on_empty_lung=on_empty_lung, **kwargs)
+        synth = self.make_synthesizer(CutPaste, params, kwargs, variant=variant, restrict_to_lung=restrict_to_lung,
+                                      on_empty_lung=on_empty_lung)
         super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys)

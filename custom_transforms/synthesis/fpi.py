@@ -51,15 +51,13 @@ Conventions and implementation choices
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from monai.config import KeysCollection
 
-from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd, SourcePool
-from custom_transforms.utils import Choice
+from custom_transforms.synthesis.base import SourceSynthesis, SourceSynthesisd, check_source_inputs, resolve_params
+from custom_transforms.utils import Choice, check_flag, range_pair
 
 __all__ = ["FPI_LABELS", "FPIParams", "synthesize_fpi", "FPI", "FPId"]
 
@@ -69,18 +67,8 @@ _check_label = Choice("fpi_label", FPI_LABELS, "label")
 _MIN_SIDE = 8  # px
 
 
-def _range_pair(name: str, value, low: float, high: float, strict_low: bool) -> tuple:
-    """``value`` as a ``(lo, hi)`` tuple of floats with ``low (<|<=) lo <= hi <= high``."""
-    where = f"FPIParams.{name} (fpi_{name})"
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a pair (low, high) of numbers, got {value!r}") from None
-    ok_low = lo > low if strict_low else lo >= low
-    if not (ok_low and lo <= hi <= high and math.isfinite(lo) and math.isfinite(hi)):
-        bracket = "(" if strict_low else "["
-        raise ValueError(f"{where} must satisfy low <= high within {bracket}{low:g}, {high:g}], got {value!r}")
-    return lo, hi
+def _where(name: str) -> str:
+    return f"FPIParams.{name} (fpi_{name})"
 
 
 @dataclass(frozen=True)
@@ -103,60 +91,25 @@ class FPIParams:
         except (TypeError, ValueError):
             core = float("nan")
         if not 0.0 < core <= 1.0:
-            raise ValueError(f"FPIParams.core_fraction (fpi_core_fraction) must be in (0, 1], "
-                             f"got {self.core_fraction!r}")
+            raise ValueError(f"{_where('core_fraction')} must be in (0, 1], got {self.core_fraction!r}")
         object.__setattr__(self, "core_fraction", core)
         object.__setattr__(self, "half_width_range",
-                           _range_pair("half_width_range", self.half_width_range, 0.0, 0.5, strict_low=True))
+                           range_pair(_where("half_width_range"), self.half_width_range, 0.0, 0.5, low_open=True))
         object.__setattr__(self, "alpha_range",
-                           _range_pair("alpha_range", self.alpha_range, 0.0, 1.0, strict_low=False))
+                           range_pair(_where("alpha_range"), self.alpha_range, 0.0, 1.0, low_open=False))
         _check_label(self.label)
-        if not isinstance(self.restrict_to_lung, (bool, np.bool_)):
-            raise ValueError(f"FPIParams.restrict_to_lung (fpi_restrict_to_lung) must be true or false, "
-                             f"got {self.restrict_to_lung!r}")
-        object.__setattr__(self, "restrict_to_lung", bool(self.restrict_to_lung))
+        object.__setattr__(self, "restrict_to_lung", check_flag(self.restrict_to_lung, _where("restrict_to_lung")))
 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
 
 
-def _check_param_names(names, owner: str) -> None:
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(FPIParams)})
-    if unknown:
-        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of FPIParams "
-                        f"({', '.join(f.name for f in dataclasses.fields(FPIParams))})")
-
-
-def _resolve_params(params: FPIParams | None, overrides: dict) -> FPIParams:
-    """``params`` (default: the published values) with single fields replaced."""
-    p = params or FPIParams()
-    if overrides:
-        _check_param_names(overrides, "synthesize_fpi")
-        p = dataclasses.replace(p, **overrides)
-    return p
-
-
 def _prepare_inputs(image, lung, source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Checked inputs: image and source float32 clipped to [0, 1], lung labels uint8, all ``(H, W)``."""
-    image, lung = np.asarray(image), np.asarray(lung)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
-    if min(image.shape) < _MIN_SIDE:
-        raise ValueError(f"image too small for synthesis: {image.shape} (at least {_MIN_SIDE} px a side)")
-    if lung.shape != image.shape:
-        raise ValueError(f"lung label map shape {lung.shape} does not match image shape {image.shape}")
-    if source is None:
-        raise ValueError("FPI interpolates with a second training image: give source (same shape as the image)")
-    source = np.asarray(source)
-    if source.shape != image.shape:
-        raise ValueError(f"source image shape {source.shape} does not match image shape {image.shape} "
-                         f"(load both at the same image_size)")
-    if lung.dtype == bool:
-        lung = lung.astype(np.uint8)
-    if lung.size and (lung.min() < 0 or lung.max() > 2):
-        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
-                         f"got values in [{lung.min()}, {lung.max()}]")
+    """Checked inputs: image and source float32 clipped to [0, 1], lung labels, all ``(H, W)``."""
+    image, lung, source = check_source_inputs(
+        image, lung, source, _MIN_SIDE,
+        "FPI interpolates with a second training image: give source (same shape as the image)")
     img = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
     src = np.clip(np.asarray(source, np.float32), 0.0, 1.0)
     return img, lung, src
@@ -200,15 +153,8 @@ def _patch_slices(shape: tuple, cy: int, cx: int, w: int) -> tuple[slice, slice]
     return slice(max(cy - w, 0), min(cy + w, H)), slice(max(cx - w, 0), min(cx + w, W))
 
 
-def synthesize_fpi(
-    image: np.ndarray,
-    lung: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    params: FPIParams | None = None,
-    source: np.ndarray,
-    **overrides,
-) -> tuple[np.ndarray, np.ndarray]:
+def synthesize_fpi(image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, *, params: FPIParams | None = None,
+                   source: np.ndarray, **overrides) -> tuple[np.ndarray, np.ndarray]:
     """Interpolate one foreign square patch into ``image`` (Tan et al. 2022, MELBA; see the module docstring).
 
     Args:
@@ -230,7 +176,7 @@ def synthesize_fpi(
             ``restrict_to_lung``.
         TypeError: an unknown parameter name.
     """
-    p = _resolve_params(params, overrides)
+    p = resolve_params(FPIParams, params, overrides, "synthesize_fpi", list_fields=True)
     img, lung, src = _prepare_inputs(image, lung, source)
     # 1.-2. patch and interpolation factor
     cy, cx, w, alpha = _draw_patch(img.shape, lung, rng, p)
@@ -252,47 +198,23 @@ def synthesize_fpi(
 # MONAI transforms
 
 
-class FPI(AnomalySynthesis):
-    """Array FPI: ``(image, lung)`` ``(1, H, W)`` (+ a source image) -> ``(synthetic, mask)`` ``(1, H, W)`` float32.
+class FPI(SourceSynthesis):
+    """Array FPI, :func:`synthesize_fpi` on ``(1, H, W)`` inputs: the image, its lungs and a foreign image.
 
-    The second image is the ``source`` given in the call, else one drawn from ``source_pool`` (its index is
-    drawn in ``randomize()``). The lungs matter only with ``restrict_to_lung=True`` (``needs_lung``), so an
-    empty lung map does not make a clean sample otherwise.
-
-    Args:
-        params: an :class:`FPIParams`; keyword ``**kwargs`` (its field names) replace single fields.
-        prob / on_empty_lung / source_pool: see :class:`~custom_transforms.synthesis.base.AnomalySynthesis`.
+    Keywords that name :class:`FPIParams` fields (e.g. ``alpha_range=(0, 1)``) replace single parameters;
+    where the foreign image comes from, ``prob``, ``on_empty_lung`` and when the lungs matter
+    (``restrict_to_lung``): :class:`~custom_transforms.synthesis.base.SourceSynthesis`.
     """
 
-    needs_source = True
-
-    def __init__(self, params: FPIParams | None = None, prob: float = 1.0, on_empty_lung: str = "clean",
-                 source_pool: SourcePool | None = None, **kwargs):
-        super().__init__(prob, on_empty_lung, source_pool)
-        _check_param_names(kwargs, type(self).__name__)
-        self.params = dataclasses.replace(params or FPIParams(), **kwargs)
-        self.needs_lung = self.params.restrict_to_lung
+    params_class = FPIParams
 
     def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
         return synthesize_fpi(image, lung, rng, params=self.params, source=source)
 
 
-class FPId(AnomalySynthesisd):
-    """Dictionary FPI: ``d["synthetic"]``, ``d["mask"]`` = an FPI pseudo-anomaly of ``d["image"]``.
+class FPId(SourceSynthesisd):
+    """Dictionary FPI: ``d["synthetic"]``, ``d["mask"]`` = an FPI pseudo-anomaly of ``d["image"]``; the mask is
+    the interpolation factor ``alpha`` (1 with ``label="binary"``). The arguments are :class:`FPI`'s and the keys
+    of :class:`~custom_transforms.synthesis.base.SourceSynthesisd`."""
 
-    Reads ``d[key]`` (``(1, H, W)`` image in [0, 1]), ``d[lung_key]`` (``(1, H, W)`` labels) and, when
-    ``source_key`` is set and present, ``d[source_key]`` (the second image; otherwise one from
-    ``source_pool``); writes ``d[synthetic_key]`` and ``d[mask_key]`` (``(1, H, W)`` float32, mask = the
-    interpolation factor) in the image's container. With probability ``1 - prob`` the sample is clean.
-    ``set_random_state(seed)`` reproduces results exactly, the pool image included (forwarded to the
-    :class:`FPI` it holds). Other arguments as :class:`FPI`.
-    """
-
-    def __init__(self, keys: KeysCollection = ("image",), lung_key: str = "lung", synthetic_key: str = "synthetic",
-                 mask_key: str = "mask", prob: float = 1.0, on_empty_lung: str = "clean",
-                 source_pool: SourcePool | None = None, source_key: str | None = None,
-                 allow_missing_keys: bool = False, params: FPIParams | None = None, **kwargs):
-        _check_param_names(kwargs, type(self).__name__)
-        synth = FPI(params=params, on_empty_lung=on_empty_lung, source_pool=source_pool, **kwargs)
-        super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys,
-                         source_key=source_key)
+    synthesizer_class = FPI

@@ -82,17 +82,15 @@ Conventions and implementation choices
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from monai.config import KeysCollection
 from skimage.filters import rank
 
-from custom_transforms.synthesis.base import AnomalySynthesis, AnomalySynthesisd, SourcePool
-from custom_transforms.utils import Choice
+from custom_transforms.synthesis.base import SourceSynthesis, SourceSynthesisd, check_source_inputs, resolve_params
+from custom_transforms.utils import Choice, check_flag, range_pair
 
 __all__ = ["NSA_CLONES", "NSA_LABELS", "NSAParams", "synthesize_nsa", "NSA", "NSAd"]
 
@@ -130,19 +128,6 @@ def _number(name: str, value, lo: float = -math.inf, hi: float = math.inf, lo_op
     if not ok:
         raise ValueError(f"{_where(name)} must be {kind} in {_interval(lo, hi, lo_open, hi_open)}, got {value!r}")
     return v
-
-
-def _pair(name: str, value, lo: float, hi: float, lo_open: bool) -> tuple:
-    """``value`` as a ``(low, high)`` tuple of floats with ``low <= high`` inside the interval."""
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{_where(name)} must be a pair (low, high) of numbers, got {value!r}") from None
-    ok = all(math.isfinite(v) for v in (a, b)) and (a > lo if lo_open else a >= lo) and a <= b <= hi
-    if not ok:
-        raise ValueError(f"{_where(name)} must satisfy low <= high within {_interval(lo, hi, lo_open, False)}, "
-                         f"got {value!r}")
-    return a, b
 
 
 @dataclass(frozen=True)
@@ -192,34 +177,15 @@ class NSAParams:
                   "logistic_x0": (-255.0, 255.0, False, False)}
         for name, (lo, hi, lo_open, hi_open) in floats.items():
             object.__setattr__(self, name, _number(name, getattr(self, name), lo, hi, lo_open, hi_open))
-        object.__setattr__(self, "width_bounds", _pair("width_bounds", self.width_bounds, 0.0, 0.5, True))
-        object.__setattr__(self, "resize_bounds", _pair("resize_bounds", self.resize_bounds, 0.0, 10.0, True))
+        for name, hi in (("width_bounds", 0.5), ("resize_bounds", 10.0)):
+            object.__setattr__(self, name, range_pair(_where(name), getattr(self, name), 0.0, hi, low_open=True))
         _check_clone(self.clone)
         _check_label(self.label)
-        if not isinstance(self.restrict_to_lung, (bool, np.bool_)):
-            raise ValueError(f"{_where('restrict_to_lung')} must be true or false, got {self.restrict_to_lung!r}")
-        object.__setattr__(self, "restrict_to_lung", bool(self.restrict_to_lung))
+        object.__setattr__(self, "restrict_to_lung", check_flag(self.restrict_to_lung, _where("restrict_to_lung")))
 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _check_param_names(names, owner: str) -> None:
-    fields = [f.name for f in dataclasses.fields(NSAParams)]
-    unknown = sorted(set(names) - set(fields))
-    if unknown:
-        raise TypeError(f"{owner} got unknown parameter(s) {unknown}; valid names are the fields of NSAParams "
-                        f"({', '.join(fields)})")
-
-
-def _resolve_params(params: NSAParams | None, overrides: dict) -> NSAParams:
-    """``params`` (default: the published chest X-ray preset) with single fields replaced."""
-    p = params or NSAParams()
-    if overrides:
-        _check_param_names(overrides, "synthesize_nsa")
-        p = dataclasses.replace(p, **overrides)
-    return p
 
 
 def _odd(v: float) -> int:
@@ -238,24 +204,9 @@ def _as_float_image(a, name: str) -> np.ndarray:
 
 def _prepare_inputs(image, lung, source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Checked inputs: image and source float32 clipped to [0, 1], lung labels uint8, all ``(H, W)``."""
-    image, lung = np.asarray(image), np.asarray(lung)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
-    if min(image.shape) < _MIN_SIDE:
-        raise ValueError(f"image too small for synthesis: {image.shape} (at least {_MIN_SIDE} px a side)")
-    if lung.shape != image.shape:
-        raise ValueError(f"lung label map shape {lung.shape} does not match image shape {image.shape}")
-    if source is None:
-        raise ValueError("NSA takes its patches from a second training image: give source (same shape as the image)")
-    source = np.asarray(source)
-    if source.shape != image.shape:
-        raise ValueError(f"source image shape {source.shape} does not match image shape {image.shape} "
-                         f"(load both at the same image_size)")
-    if lung.dtype == bool:
-        lung = lung.astype(np.uint8)
-    if lung.size and (lung.min() < 0 or lung.max() > 2):
-        raise ValueError(f"lung labels must be 0 (background), 1 (right lung) or 2 (left lung); "
-                         f"got values in [{lung.min()}, {lung.max()}]")
+    image, lung, source = check_source_inputs(
+        image, lung, source, _MIN_SIDE,
+        "NSA takes its patches from a second training image: give source (same shape as the image)")
     return _as_float_image(image, "image"), lung.astype(np.uint8), _as_float_image(source, "source")
 
 
@@ -424,15 +375,8 @@ def _label(delta: np.ndarray, p: NSAParams, s: float) -> np.ndarray:
     return mask
 
 
-def synthesize_nsa(
-    image: np.ndarray,
-    lung: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    params: NSAParams | None = None,
-    source: np.ndarray,
-    **overrides,
-) -> tuple[np.ndarray, np.ndarray]:
+def synthesize_nsa(image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, *, params: NSAParams | None = None,
+                   source: np.ndarray, **overrides) -> tuple[np.ndarray, np.ndarray]:
     """Blend up to three rescaled, shifted patches of ``source`` into ``image`` (NSA, Schlüter et al. ECCV 2022).
 
     Steps and implementation choices are in the module docstring.
@@ -457,7 +401,7 @@ def synthesize_nsa(
             ``restrict_to_lung``.
         TypeError: an unknown parameter name.
     """
-    p = _resolve_params(params, overrides)
+    p = resolve_params(NSAParams, params, overrides, "synthesize_nsa", list_fields=True)
     img, lung, src = _prepare_inputs(image, lung, source)
     s = math.sqrt(img.size) / p.reference_size
     centres = _lung_centres(lung) if p.restrict_to_lung else None
@@ -483,47 +427,24 @@ def synthesize_nsa(
 # MONAI transforms
 
 
-class NSA(AnomalySynthesis):
-    """Array NSA: ``(image, lung)`` ``(1, H, W)`` (+ a source image) -> ``(synthetic, mask)`` ``(1, H, W)`` float32.
+class NSA(SourceSynthesis):
+    """Array NSA: blends patches of a second image into the image (:func:`synthesize_nsa`), all ``(1, H, W)``.
 
-    The second image is the ``source`` given in the call, else one drawn from ``source_pool`` (its index is
-    drawn in ``randomize()``). The lungs matter only with ``restrict_to_lung=True`` (``needs_lung``), so an
-    empty lung map does not make a clean sample otherwise.
-
-    Args:
-        params: an :class:`NSAParams`; keyword ``**kwargs`` (its field names) replace single fields.
-        prob / on_empty_lung / source_pool: see :class:`~custom_transforms.synthesis.base.AnomalySynthesis`.
+    See :class:`~custom_transforms.synthesis.base.SourceSynthesis` for the arguments and the source image;
+    :class:`NSAParams` fields given as keywords (``clone="normal"``) replace single parameters.
     """
 
-    needs_source = True
-
-    def __init__(self, params: NSAParams | None = None, prob: float = 1.0, on_empty_lung: str = "clean",
-                 source_pool: SourcePool | None = None, **kwargs):
-        super().__init__(prob, on_empty_lung, source_pool)
-        _check_param_names(kwargs, type(self).__name__)
-        self.params = dataclasses.replace(params or NSAParams(), **kwargs)
-        self.needs_lung = self.params.restrict_to_lung
+    params_class = NSAParams
 
     def synthesize(self, image: np.ndarray, lung: np.ndarray, rng: np.random.Generator, source=None):
         return synthesize_nsa(image, lung, rng, params=self.params, source=source)
 
 
-class NSAd(AnomalySynthesisd):
+class NSAd(SourceSynthesisd):
     """Dictionary NSA: ``d["synthetic"]``, ``d["mask"]`` = NSA patches blended into ``d["image"]``.
 
-    Reads ``d[key]`` (``(1, H, W)`` image in [0, 1]), ``d[lung_key]`` (``(1, H, W)`` labels) and, when
-    ``source_key`` is set and present, ``d[source_key]`` (the second image; otherwise one from
-    ``source_pool``); writes ``d[synthetic_key]`` and ``d[mask_key]`` (``(1, H, W)`` float32, mask = NSA's
-    soft label in [0, 1]) in the image's container. With probability ``1 - prob`` the sample is clean.
-    ``set_random_state(seed)`` reproduces results exactly, the pool image included (forwarded to the
-    :class:`NSA` it holds). Other arguments as :class:`NSA`.
+    The mask is NSA's soft, intensity-based label in [0, 1] (0/1 with ``label="binary"``). Keys and the
+    source image: :class:`~custom_transforms.synthesis.base.SourceSynthesisd`; parameters: :class:`NSA`.
     """
 
-    def __init__(self, keys: KeysCollection = ("image",), lung_key: str = "lung", synthetic_key: str = "synthetic",
-                 mask_key: str = "mask", prob: float = 1.0, on_empty_lung: str = "clean",
-                 source_pool: SourcePool | None = None, source_key: str | None = None,
-                 allow_missing_keys: bool = False, params: NSAParams | None = None, **kwargs):
-        _check_param_names(kwargs, type(self).__name__)
-        synth = NSA(params=params, on_empty_lung=on_empty_lung, source_pool=source_pool, **kwargs)
-        super().__init__(keys, synth, lung_key, synthetic_key, mask_key, prob, allow_missing_keys,
-                         source_key=source_key)
+    synthesizer_class = NSA

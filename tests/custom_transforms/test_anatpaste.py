@@ -26,7 +26,15 @@ from custom_transforms.synthesis.anatpaste import (
     synthesize_anatpaste,
 )
 from custom_transforms.synthesis.samples import SyntheticCopiesd
-from tests.custom_transforms.test_artasyn import phantom
+from tests.custom_transforms.synthesis_helpers import (
+    assert_contract,
+    assert_input_errors,
+    assert_key_handling,
+    assert_prob_zero_and_empty_lung_clean,
+    assert_seed_replays,
+    assert_seeds_reproduce_and_differ,
+    phantom,
+)
 from tests.helpers import CONFIGS
 
 IMG, LUNG = phantom()
@@ -199,11 +207,7 @@ def test_lengths_scale_with_image_size():
 
 
 def test_seeds_reproduce_and_differ():
-    a = synthesize_anatpaste(IMG, LUNG, np.random.default_rng(42))
-    b = synthesize_anatpaste(IMG, LUNG, np.random.default_rng(42))
-    c = synthesize_anatpaste(IMG, LUNG, np.random.default_rng(43))
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[0], c[0])
+    assert_seeds_reproduce_and_differ(synthesize_anatpaste, IMG, LUNG)
 
 
 def test_params_and_overrides():
@@ -238,19 +242,9 @@ def test_param_validation_names_field_value_and_range(field, value, match):
 
 
 def test_bad_inputs_give_clear_errors():
-    rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="does not match"):
-        synthesize_anatpaste(IMG, LUNG[:-1], rng)
-    with pytest.raises(ValueError, match="no lung pixel"):
-        synthesize_anatpaste(IMG, np.zeros_like(LUNG), rng)
-    with pytest.raises(ValueError, match="2-D"):
-        synthesize_anatpaste(IMG[None], LUNG[None], rng)
-    with pytest.raises(ValueError, match="lung labels"):
-        synthesize_anatpaste(IMG, LUNG * 100, rng)
-    with pytest.raises(ValueError, match="too small"):
-        synthesize_anatpaste(IMG[:8, :8], LUNG[:8, :8], rng)
+    assert_input_errors(synthesize_anatpaste, IMG, LUNG, small=8, needs_lung=True)
     with pytest.raises(TypeError, match="AnatPasteParams"):
-        synthesize_anatpaste(IMG, LUNG, rng, params={"aspect_ratio": 0.3})
+        synthesize_anatpaste(IMG, LUNG, np.random.default_rng(0), params={"aspect_ratio": 0.3})
 
 
 def test_lung_option_maps_to_key_and_names_the_config_key():
@@ -268,72 +262,24 @@ def sample(container=np.asarray):
     return {"image": container(IMG64[None].copy()), "lung": container(LUNG64[None].copy())}
 
 
-def as_np(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
 @pytest.mark.parametrize("container", [np.asarray, torch.as_tensor,
                                        lambda a: MetaTensor(torch.as_tensor(a), meta={"filename_or_obj": "x.png"})])
 def test_contract_keys_shapes_dtypes_containers(container):
     d = sample(container)
     ref = AnatPasted().set_random_state(2)(sample())
-    out = AnatPasted().set_random_state(2)(d)
-    for k in ("synthetic", "mask"):
-        assert type(out[k]) is type(d["image"]) and tuple(out[k].shape) == (1, 64, 64)
-        assert out[k].dtype in (np.float32, torch.float32)
-        np.testing.assert_array_equal(as_np(out[k]), ref[k])  # the container does not change the output
-    assert ref["mask"].any() and np.array_equal(as_np(out["image"]), IMG64[None])  # input untouched
-    if isinstance(d["image"], MetaTensor):
-        assert out["synthetic"].meta["filename_or_obj"] == "x.png" and out["mask"].meta["filename_or_obj"] == "x.png"
-        out["synthetic"].meta["filename_or_obj"] = "changed"
-        assert d["image"].meta["filename_or_obj"] == "x.png"
-
-
-def test_dict_equals_array_and_pure_function():
-    d = AnatPasted().set_random_state(11)(sample())
-    t = AnatPaste().set_random_state(11)
-    syn, mask = t(IMG64[None], LUNG64[None])
-    np.testing.assert_array_equal(d["synthetic"], syn)
-    np.testing.assert_array_equal(d["mask"], mask)
-    ref = synthesize_anatpaste(IMG64, LUNG64, np.random.default_rng(t._seed))
-    np.testing.assert_array_equal(syn[0], ref[0])
-    np.testing.assert_array_equal(mask[0], ref[1])
-
-
-def outputs(t, seed, n_calls=4):
-    t.set_random_state(seed=seed)
-    res = []
-    for _ in range(n_calls):
-        out = t(sample())
-        for d in (out if isinstance(out, list) else [out]):
-            res.append((as_np(d["synthetic"]), as_np(d["mask"])))
-    return res
-
-
-def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert ref["mask"].any()
+    assert_contract(AnatPasted().set_random_state(2)(d), d, ref, IMG64)
 
 
 @pytest.mark.parametrize("make", [lambda: AnatPasted(), lambda: AnatPasted(prob=0.5),
                                   lambda: SyntheticCopiesd(AnatPasted(), n_synthetic=(1, 3))],
                          ids=["AnatPasted", "AnatPasted(prob=0.5)", "SyntheticCopiesd(AnatPasted)"])
 def test_same_seed_same_output_different_seed_different_output(make):
-    a, b = outputs(make(), 7), outputs(make(), 7)
-    assert same(a, b)
-    assert not same(a, outputs(make(), 8))
-    t = make()
-    assert same(outputs(t, 3), outputs(t, 3))  # re-seeding one instance replays its stream
+    assert_seed_replays(make, sample)
 
 
 def test_prob_zero_and_empty_lung_give_clean_samples():
-    out = AnatPasted(prob=0.0).set_random_state(0)(sample())
-    assert np.array_equal(out["synthetic"], out["image"]) and not out["mask"].any()
-    d = sample()
-    d["lung"] = np.zeros_like(d["lung"])
-    out = AnatPasted().set_random_state(0)(d)
-    assert np.array_equal(out["synthetic"], d["image"]) and not out["mask"].any()
-    with pytest.raises(ValueError, match="no lung pixel"):
-        AnatPasted(on_empty_lung="raise")(d)
+    assert_prob_zero_and_empty_lung_clean(AnatPasted, sample)
     with pytest.raises(ValueError, match="on_empty_lung must be one of"):
         AnatPasted(on_empty_lung="skip")
     with pytest.raises(ValueError, match=r"prob \(synthesis_prob\)"):
@@ -353,14 +299,7 @@ def test_lung_key_selects_the_lung_map():
 
 
 def test_wrapper_key_handling_and_parameter_errors():
-    d = sample()
-    del d["lung"]
-    with pytest.raises(KeyError, match="lung"):
-        AnatPasted()(d)
-    assert "synthetic" not in AnatPasted(allow_missing_keys=True)(d)
-    out = AnatPasted(keys="img", lung_key="lungs", synthetic_key="syn", mask_key="m").set_random_state(0)(
-        {"img": IMG64[None], "lungs": LUNG64[None]})
-    assert out["syn"].shape == (1, 64, 64) and out["m"].any()
+    assert_key_handling(AnatPasted, sample, IMG64, LUNG64)
     with pytest.raises(TypeError, match="AnatPasted got unknown parameter"):
         AnatPasted(bluur=3)
     with pytest.raises(TypeError, match="AnatPaste got unknown parameter"):

@@ -26,20 +26,14 @@ from custom_transforms.synthesis.artasyn import (
     synthesize_artasyn,
 )
 from custom_transforms.synthesis.brush import make_brush
+from tests.custom_transforms.synthesis_helpers import (
+    assert_input_errors,
+    assert_key_handling,
+    assert_prob_zero_and_empty_lung_clean,
+    assert_seeds_reproduce_and_differ,
+    phantom,
+)
 from tests.helpers import sha256_arrays
-
-
-def phantom(size=256, sides=(1, 2)):
-    """Bright body (0.75) with two darker lungs (0.3) carrying rib-like stripes; labels 1 (image left), 2."""
-    yy, xx = np.mgrid[:size, :size] / (size / 256.0)
-    img = np.full((size, size), 0.75, np.float32)
-    lung = np.zeros((size, size), np.uint8)
-    for lab, cx in ((1, 80), (2, 176)):
-        inside = ((yy - 128) / 80) ** 2 + ((xx - cx) / 35) ** 2 < 1
-        img[inside] = 0.3 + 0.15 * (np.sin(yy[inside] / 6.0) > 0.6)  # ribs: brighter bands
-        if lab in sides:
-            lung[inside] = lab
-    return img, lung
 
 
 def disk(radius):
@@ -88,11 +82,7 @@ def test_full_alpha_vanishes_outside_soft_lung_weight():
 
 
 def test_seeds_reproduce_and_differ():
-    a = synthesize_artasyn(IMG, LUNG, np.random.default_rng(42))
-    b = synthesize_artasyn(IMG, LUNG, np.random.default_rng(42))
-    c = synthesize_artasyn(IMG, LUNG, np.random.default_rng(43))
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[0], c[0])
+    assert_seeds_reproduce_and_differ(synthesize_artasyn, IMG, LUNG)
 
 
 def test_base_differs_from_full_and_blur_cryst_spreads():
@@ -152,17 +142,10 @@ def dataclasses_frozen_error():
 
 
 def test_bad_inputs_give_clear_errors():
+    assert_input_errors(synthesize_artasyn, IMG, LUNG, small=4, needs_lung=True)
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="does not match"):
-        synthesize_artasyn(IMG, LUNG[:-1], rng)
-    with pytest.raises(ValueError, match="no lung pixel"):
-        synthesize_artasyn(IMG, np.zeros_like(LUNG), rng)
     with pytest.raises(ValueError, match=r"steps \(synthesis_steps\) must be one of"):
         synthesize_artasyn(IMG, LUNG, rng, steps="blur")
-    with pytest.raises(ValueError, match="2-D"):
-        synthesize_artasyn(IMG[None], LUNG[None], rng)
-    with pytest.raises(ValueError, match="lung labels"):
-        synthesize_artasyn(IMG, LUNG * 100, rng)
     with pytest.raises(TypeError, match="unknown parameter"):
         synthesize_artasyn(IMG, LUNG, rng, blur_radus=3)
     with pytest.raises(ValueError, match="p_zero"):
@@ -265,27 +248,13 @@ def test_wrapper_set_random_state_reproduces():
 
 
 def test_wrapper_prob_zero_and_empty_lung_give_clean_samples():
-    out = ARTASynd(prob=0.0).set_random_state(0)(sample())
-    assert np.array_equal(out["synthetic"], out["image"]) and not out["mask"].any()
-    d = sample()
-    d["lung"] = np.zeros_like(d["lung"])
-    out = ARTASynd().set_random_state(0)(d)
-    assert np.array_equal(out["synthetic"], d["image"]) and not out["mask"].any()
-    with pytest.raises(ValueError, match="no lung pixel"):
-        ARTASynd(on_empty_lung="raise")(d)
+    assert_prob_zero_and_empty_lung_clean(ARTASynd, sample)
 
 
 def test_wrapper_key_handling_and_errors():
-    d = sample()
-    del d["lung"]
-    with pytest.raises(KeyError, match="lung"):
-        ARTASynd()(d)
-    assert "synthetic" not in ARTASynd(allow_missing_keys=True)(d)
+    assert_key_handling(ARTASynd, sample, IMG, LUNG)
     with pytest.raises(KeyError, match="image"):
         ARTASynd()({"lung": LUNG[None]})
-    out = ARTASynd(keys="img", lung_key="lungs", synthetic_key="syn", mask_key="m").set_random_state(0)(
-        {"img": IMG[None], "lungs": LUNG[None]})
-    assert out["syn"].shape == (1, 256, 256) and out["m"].any()
     bad = sample()
     bad["lung"] = bad["lung"][:, :-1]
     with pytest.raises(ValueError, match="does not match"):

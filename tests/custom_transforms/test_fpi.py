@@ -1,10 +1,9 @@
 """FPI synthesis (custom_transforms.synthesis.fpi): the pure function, its MONAI transforms and its method file.
 
-All tests use the procedural phantom of ``test_artasyn`` (and a few tiny PNGs written to ``tmp_path`` for the
-source pool): no real data needed.
+No real data needed: the images are the procedural phantom (``synthesis_helpers.phantom``) with a noise image as
+the foreign one, and a few tiny grey PNGs in ``tmp_path`` make the source pool.
 """
 
-import dataclasses
 import time
 
 import cv2
@@ -13,7 +12,6 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom_transforms.io import LoadCXRd
 from custom_transforms.synthesis.base import SourcePool
 from custom_transforms.synthesis.fpi import (
     FPI,
@@ -24,16 +22,11 @@ from custom_transforms.synthesis.fpi import (
     _patch_slices,
     synthesize_fpi,
 )
-from custom_transforms.synthesis.samples import SyntheticCopiesd
-from tests.custom_transforms.test_artasyn import phantom
-from tests.helpers import CONFIGS
+from tests.custom_transforms import synthesis_helpers as checks
+from tests.custom_transforms.synthesis_helpers import as_np, outputs, phantom, same
 
 IMG, LUNG = phantom(64)
 SRC = np.random.default_rng(123).random(IMG.shape).astype(np.float32)  # differs from IMG at every pixel
-
-
-def as_np(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def expected(img, src, seed, params=None, lung=None):
@@ -149,30 +142,8 @@ def test_binary_label_and_parameter_overrides():
     assert (mask > 0).sum() <= 12 * 12 and np.array_equal(syn[mask > 0], SRC[mask > 0])  # alpha 1: the source
 
 
-def test_seeds_reproduce_and_differ():
-    a = synthesize_fpi(IMG, LUNG, np.random.default_rng(42), source=SRC)
-    b = synthesize_fpi(IMG, LUNG, np.random.default_rng(42), source=SRC)
-    c = synthesize_fpi(IMG, LUNG, np.random.default_rng(43), source=SRC)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[1], c[1])
-
-
-def test_bad_inputs_and_parameters_give_clear_errors():
+def test_bad_parameters_give_clear_errors():
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="lung label map shape"):
-        synthesize_fpi(IMG, LUNG[:-1], rng, source=SRC)
-    with pytest.raises(ValueError, match="source image shape"):
-        synthesize_fpi(IMG, LUNG, rng, source=SRC[:-1])
-    with pytest.raises(ValueError, match="give source"):
-        synthesize_fpi(IMG, LUNG, rng, source=None)
-    with pytest.raises(TypeError):
-        synthesize_fpi(IMG, LUNG, rng)  # source is a required keyword
-    with pytest.raises(ValueError, match="2-D"):
-        synthesize_fpi(IMG[None], LUNG[None], rng, source=SRC[None])
-    with pytest.raises(ValueError, match="too small"):
-        synthesize_fpi(IMG[:4, :4], LUNG[:4, :4], rng, source=SRC[:4, :4])
-    with pytest.raises(ValueError, match="lung labels"):
-        synthesize_fpi(IMG, LUNG * 100, rng, source=SRC)
     with pytest.raises(TypeError, match="unknown parameter"):
         synthesize_fpi(IMG, LUNG, rng, source=SRC, alpha=0.5)
     bad = {
@@ -181,14 +152,9 @@ def test_bad_inputs_and_parameters_give_clear_errors():
         "alpha_range": [(-0.1, 0.5), (0.6, 0.5), (0.5, 1.1), None],
         "restrict_to_lung": ["yes", 1],
     }
-    for field, values in bad.items():
-        for v in values:
-            with pytest.raises(ValueError, match=rf"FPIParams\.{field} \(fpi_{field}\)"):
-                FPIParams(**{field: v})
+    checks.assert_bad_values_named(FPIParams, "fpi", bad)
     with pytest.raises(ValueError, match=r"label \(fpi_label\) must be one of \('alpha', 'binary'\)"):
         FPIParams(label="soft")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        FPIParams().alpha_range = (0, 1)
     assert FPI_LABELS == ("alpha", "binary") and FPIParams().label == "alpha"
 
 
@@ -196,79 +162,22 @@ def test_bad_inputs_and_parameters_give_clear_errors():
 # MONAI transforms
 
 
-def sample(container=np.asarray, source=True):
-    d = {"image": container(IMG[None].copy()), "lung": container(LUNG[None].copy())}
-    if source:
-        d["src"] = container(SRC[None].copy())
-    return d
+sample = checks.sampler(IMG, LUNG, src=SRC)
 
 
-META = lambda a: MetaTensor(torch.as_tensor(a), meta={"filename_or_obj": "phantom.png", "spacing": [0.5, 0.5]})
-
-
-@pytest.mark.parametrize("container", [np.asarray, torch.as_tensor, META], ids=["numpy", "torch", "MetaTensor"])
+@checks.CONTAINERS
 def test_dict_contract_keys_shapes_dtypes_and_containers(container):
     d = sample(container)
     out = FPId(keys="image", source_key="src").set_random_state(4)(d)
     ref = FPId(keys="image", source_key="src").set_random_state(4)(sample())
-    for k in ("synthetic", "mask"):
-        assert type(out[k]) is type(d["image"]) and tuple(out[k].shape) == (1, 64, 64)
-        assert out[k].dtype in (np.float32, torch.float32)
-        np.testing.assert_array_equal(as_np(out[k]), ref[k])  # the container does not change the result
     assert as_np(out["mask"]).any()
-    assert np.array_equal(as_np(out["image"]), IMG[None])  # input untouched
-    if isinstance(d["image"], MetaTensor):
-        assert out["synthetic"].meta["filename_or_obj"] == "phantom.png"
-        out["synthetic"].meta["filename_or_obj"] = "changed"
-        assert d["image"].meta["filename_or_obj"] == "phantom.png"
+    checks.assert_contract(out, d, ref, IMG)
 
 
-def test_dict_delegates_to_array_transform_and_pure_function():
-    d = FPId(source_key="src").set_random_state(seed=11)(sample())
-    syn, mask = FPI().set_random_state(seed=11)(IMG[None], LUNG[None], source=SRC[None])
-    np.testing.assert_array_equal(d["synthetic"], syn)
-    np.testing.assert_array_equal(d["mask"], mask)
-    t = FPI().set_random_state(seed=11)
-    t.randomize()
-    want = synthesize_fpi(IMG, LUNG, np.random.default_rng(t._seed), source=SRC)
-    np.testing.assert_array_equal(mask[0], want[1])
-
-
-def outputs(t, make_sample, seed, n_calls=4):
-    t.set_random_state(seed=seed)
-    res = []
-    for _ in range(n_calls):
-        out = t(make_sample())
-        for d in (out if isinstance(out, list) else [out]):
-            res.append((as_np(d["synthetic"]), as_np(d["mask"])))
-    return res
-
-
-def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
-
-
-@pytest.mark.parametrize("wrap", [False, True], ids=["FPId", "SyntheticCopiesd(FPId)"])
-def test_same_seed_same_output_different_seed_different_output(wrap):
-    make = lambda: SyntheticCopiesd(FPId(source_key="src"), n_synthetic=(1, 3)) if wrap else FPId(source_key="src")
-    a, b = outputs(make(), sample, 7), outputs(make(), sample, 7)
-    assert same(a, b)
-    assert not same(a, outputs(make(), sample, 8))
-    t = make()
-    assert same(outputs(t, sample, 3), outputs(t, sample, 3))
-
-
-def test_prob_zero_and_empty_lungs():
-    out = FPId(prob=0.0, source_key="src").set_random_state(0)(sample())
-    assert np.array_equal(out["synthetic"], out["image"]) and not out["mask"].any()
+def test_empty_lungs_still_synthesised():
     d = sample()
     d["lung"] = np.zeros_like(d["lung"])
-    out = FPId(source_key="src").set_random_state(0)(d)  # FPI ignores the lungs: still synthesised
-    assert out["mask"].any()
-    out = FPId(source_key="src", restrict_to_lung=True).set_random_state(0)(d)  # now a clean sample
-    assert np.array_equal(out["synthetic"], d["image"]) and not out["mask"].any()
-    with pytest.raises(ValueError, match="no lung pixel"):
-        FPId(source_key="src", restrict_to_lung=True, on_empty_lung="raise")(d)
+    assert FPId(source_key="src").set_random_state(0)(d)["mask"].any()  # FPI ignores the lungs
 
 
 def write_pool(tmp_path, n=3):
@@ -294,7 +203,7 @@ def used_source(syn, mask, pool_images):
 
 def test_source_pool_path_reproducible_and_excludes_the_image(tmp_path):
     paths = write_pool(tmp_path)
-    pool = SourcePool([{"image": p} for p in paths], loader=LoadCXRd("image", size=64))
+    pool = checks.make_pool(paths)
     pool_images = [as_np(pool.load(i))[0] for i in range(3)]
     t = FPId(source_pool=pool)
     a, b = outputs(t, lambda: sample(source=False), 5, 8), outputs(t, lambda: sample(source=False), 5, 8)
@@ -303,52 +212,18 @@ def test_source_pool_path_reproducible_and_excludes_the_image(tmp_path):
     assert len(used) > 1  # the pool index is drawn per call
     # the image itself (same file) is never its own source
     img = MetaTensor(torch.as_tensor(IMG[None]), meta={"filename_or_obj": paths[0]})
-    t = FPI(source_pool=SourcePool(paths[:2], loader=LoadCXRd("image", size=64)))
+    t = FPI(source_pool=checks.make_pool(paths[:2]))
     for seed in range(6):
         assert used_source(*t.set_random_state(seed)(img, LUNG[None]), pool_images) == 1
-    # an explicit source wins over the pool
-    out = FPId(source_pool=pool, source_key="src").set_random_state(1)(sample())
-    ref = FPId(source_key="src").set_random_state(1)(sample())
-    np.testing.assert_array_equal(out["synthetic"], ref["synthetic"])
-
-
-def test_missing_pool_and_source_is_a_clear_error():
-    with pytest.raises(ValueError, match="give a source_pool"):
-        FPId()(sample(source=False))
-    with pytest.raises(ValueError, match="give a source_pool"):
-        FPId(source_key="src")(sample(source=False))  # the key is absent from this sample
-    out = FPId(prob=0.0)(sample(source=False))  # a clean sample needs no source
-    assert not out["mask"].any()
-    bad = sample()
-    bad["src"] = bad["src"][:, :-1]
-    with pytest.raises(ValueError, match="source image shape"):
-        FPId(source_key="src")(bad)
 
 
 def test_dict_errors_options_and_keys():
-    with pytest.raises(ValueError, match=r"on_empty_lung must be one of"):
-        FPId(on_empty_lung="skip")
     with pytest.raises(ValueError, match=r"label \(fpi_label\)"):
         FPId(label="soft")
     with pytest.raises(ValueError, match=r"fpi_alpha_range"):
         FPI(alpha_range=(0.9, 0.1))
-    with pytest.raises(ValueError, match=r"synthesis_prob"):
-        FPId(prob=2)
     with pytest.raises(TypeError, match="unknown parameter"):
         FPId(alpah_range=(0, 1))
-    with pytest.raises(TypeError, match="unknown parameter"):
-        FPI(size=3)
-    d = sample()
-    del d["lung"]
-    with pytest.raises(KeyError, match="lung"):
-        FPId(source_key="src")(d)
-    assert "synthetic" not in FPId(source_key="src", allow_missing_keys=True)(d)
-    out = FPId(keys="img", lung_key="lungs", synthetic_key="syn", mask_key="m", source_key="s").set_random_state(0)(
-        {"img": IMG[None], "lungs": LUNG[None], "s": SRC[None]})
-    assert out["syn"].shape == (1, 64, 64) and out["m"].any()
-    t = FPId(params=FPIParams(alpha_range=(0.3, 0.3)), label="binary")
-    assert t.synthesizer.params == FPIParams(alpha_range=(0.3, 0.3), label="binary")
-    assert t.synthesizer.needs_source and not t.synthesizer.needs_lung
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,29 +231,15 @@ def test_dict_errors_options_and_keys():
 
 
 def test_method_file_parses_and_preprocessing_writes_synthetic_and_mask(tmp_path):
-    from monai.bundle import ConfigParser
-
-    from scripts.data.phantoms import generate_demo_dataset
-
     t0 = time.perf_counter()
-    generate_demo_dataset(tmp_path / "demo", n_train=4, n_test_healthy=1, n_test_diseased=1, size=64)
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "methods" / "fpi.json")])
-    parser.update({"dataset_dir": str(tmp_path / "demo"), "hparams#image_size": 64})
+    parser = checks.method_parser("fpi", checks.write_demo(tmp_path / "demo"))
     hp = parser.get_parsed_content("hparams")
     assert hp["method"] == "fpi"
-    defaults = FPIParams()
-    for f in dataclasses.fields(FPIParams):  # every tunable is a named hparam with the published default
-        v = hp[f"fpi_{f.name}"]
-        assert (tuple(v) if isinstance(v, list) else v) == getattr(defaults, f.name), f.name
+    checks.assert_hparams_are_defaults(hp, FPIParams, "fpi")  # every tunable is a named hparam, published default
     synth = parser.get_parsed_content("synthesis")
-    assert isinstance(synth, FPId) and synth.synthesizer.params == defaults
+    assert isinstance(synth, FPId) and synth.synthesizer.params == FPIParams()
     assert isinstance(synth.synthesizer.source_pool, SourcePool)
-    item = parser.get_parsed_content("data_split")[0][0]
-    out = parser.get_parsed_content("train#preprocessing")(item)
-    assert isinstance(out, list) and len(out) >= 2  # clean + 1..3 synthetic copies
-    for d in out:
-        assert tuple(d["synthetic"].shape) == tuple(d["mask"].shape) == (1, 64, 64)
-        assert d["synthetic"].dtype == d["mask"].dtype == torch.float32
-    assert not as_np(out[0]["mask"]).any() and all(as_np(d["mask"]).any() for d in out[1:])
+    out = parser.get_parsed_content("train#preprocessing")(parser.get_parsed_content("data_split")[0][0])
+    checks.assert_training_samples(out)
+    assert all(as_np(d["mask"]).any() for d in out[1:])
     assert time.perf_counter() - t0 < 10

@@ -1,21 +1,17 @@
 """NSA synthesis (custom_transforms.synthesis.nsa): the pure function, its MONAI transforms and its method file.
 
-All tests use the procedural phantom of ``test_artasyn`` (and a few tiny PNGs written to ``tmp_path`` for the
-source pool): no real data needed.
+Inputs are procedural, no real data needed: the phantom of ``synthesis_helpers`` and striped sources (also the
+PNGs of the source pool, written to ``tmp_path``).
 """
 
-import dataclasses
 import time
 
 import cv2
 import numpy as np
 import pytest
-import torch
-from monai.data import MetaTensor
 from skimage.filters import median
 from skimage.morphology import disk
 
-from custom_transforms.io import LoadCXRd
 from custom_transforms.synthesis.base import SourcePool
 from custom_transforms.synthesis.nsa import (
     NSA,
@@ -27,27 +23,13 @@ from custom_transforms.synthesis.nsa import (
     _find_destination,
     synthesize_nsa,
 )
-from custom_transforms.synthesis.samples import SyntheticCopiesd
-from tests.custom_transforms.test_artasyn import phantom
-from tests.helpers import CONFIGS
-
-
-def stripes(size, period=4, vertical=True, lo=0.15, hi=0.9):
-    """A source that differs strongly from the phantom: stripes of ``period`` px, every pixel an object."""
-    idx = np.arange(size)
-    band = (idx // (period // 2)) % 2 == 0
-    img = np.where(band[None, :] if vertical else band[:, None], lo, hi)
-    return np.broadcast_to(img, (size, size)).astype(np.float32).copy()
-
+from tests.custom_transforms import synthesis_helpers as checks
+from tests.custom_transforms.synthesis_helpers import as_np, outputs, phantom, same, stripes
 
 IMG, LUNG = phantom(64)
 SRC = stripes(64)
 IMG256, LUNG256 = phantom(256)
 SRC256 = stripes(256)
-
-
-def as_np(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def reference_label(syn, img):
@@ -182,30 +164,8 @@ def test_binary_label_and_parameter_overrides():
     assert n >= 2
 
 
-def test_seeds_reproduce_and_differ():
-    a = synthesize_nsa(IMG256, LUNG256, np.random.default_rng(42), source=SRC256)
-    b = synthesize_nsa(IMG256, LUNG256, np.random.default_rng(42), source=SRC256)
-    c = synthesize_nsa(IMG256, LUNG256, np.random.default_rng(43), source=SRC256)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[1], c[1])
-
-
-def test_bad_inputs_and_parameters_give_clear_errors():
+def test_bad_parameters_give_clear_errors():
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="lung label map shape"):
-        synthesize_nsa(IMG, LUNG[:-1], rng, source=SRC)
-    with pytest.raises(ValueError, match="source image shape"):
-        synthesize_nsa(IMG, LUNG, rng, source=SRC[:-1])
-    with pytest.raises(ValueError, match="give source"):
-        synthesize_nsa(IMG, LUNG, rng, source=None)
-    with pytest.raises(TypeError):
-        synthesize_nsa(IMG, LUNG, rng)  # source is a required keyword
-    with pytest.raises(ValueError, match="2-D"):
-        synthesize_nsa(IMG[None], LUNG[None], rng, source=SRC[None])
-    with pytest.raises(ValueError, match="too small"):
-        synthesize_nsa(IMG[:8, :8], LUNG[:8, :8], rng, source=SRC[:8, :8])
-    with pytest.raises(ValueError, match="lung labels"):
-        synthesize_nsa(IMG, LUNG * 100, rng, source=SRC)
     with pytest.raises(ValueError, match="NaN"):
         synthesize_nsa(IMG, LUNG, rng, source=np.full_like(SRC, np.nan))
     with pytest.raises(TypeError, match="unknown parameter"):
@@ -225,16 +185,11 @@ def test_bad_inputs_and_parameters_give_clear_errors():
         "label_median": [0],
         "restrict_to_lung": ["yes", 1],
     }
-    for field, values in bad.items():
-        for v in values:
-            with pytest.raises(ValueError, match=rf"NSAParams\.{field} \(nsa_{field}\)"):
-                NSAParams(**{field: v})
+    checks.assert_bad_values_named(NSAParams, "nsa", bad)
     with pytest.raises(ValueError, match=r"clone \(nsa_clone\) must be one of \('mixed', 'normal'\)"):
         NSAParams(clone="seamless")
     with pytest.raises(ValueError, match=r"label \(nsa_label\) must be one of \('logistic', 'binary'\)"):
         NSAParams(label="soft")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        NSAParams().n_patches = 1
     assert NSA_CLONES == ("mixed", "normal") and NSA_LABELS == ("logistic", "binary")
 
 
@@ -242,85 +197,28 @@ def test_bad_inputs_and_parameters_give_clear_errors():
 # MONAI transforms
 
 
-def sample(container=np.asarray, source=True):
-    d = {"image": container(IMG[None].copy()), "lung": container(LUNG[None].copy())}
-    if source:
-        d["src"] = container(SRC[None].copy())
-    return d
+sample = checks.sampler(IMG, LUNG, src=SRC)
 
 
-META = lambda a: MetaTensor(torch.as_tensor(a), meta={"filename_or_obj": "phantom.png", "spacing": [0.5, 0.5]})
-
-
-@pytest.mark.parametrize("container", [np.asarray, torch.as_tensor, META], ids=["numpy", "torch", "MetaTensor"])
+@checks.CONTAINERS
 def test_dict_contract_keys_shapes_dtypes_and_containers(container):
     n_labelled = 0
     for seed in range(4):  # tiny 64 px patches: OpenCV's blend leaves some of them unchanged
         d = sample(container)
         out = NSAd(keys="image", source_key="src").set_random_state(seed)(d)
         ref = NSAd(keys="image", source_key="src").set_random_state(seed)(sample())
-        for k in ("synthetic", "mask"):
-            assert type(out[k]) is type(d["image"]) and tuple(out[k].shape) == (1, 64, 64)
-            assert out[k].dtype in (np.float32, torch.float32)
-            np.testing.assert_array_equal(as_np(out[k]), ref[k])  # the container does not change the result
         m = as_np(out["mask"])
         n_labelled += bool(m.any())
         assert 0 <= m.min() and m.max() <= 1
-        assert np.array_equal(as_np(out["image"]), IMG[None])  # input untouched
-        if isinstance(d["image"], MetaTensor):
-            assert out["synthetic"].meta["filename_or_obj"] == "phantom.png"
-            out["synthetic"].meta["filename_or_obj"] = "changed"
-            assert d["image"].meta["filename_or_obj"] == "phantom.png"
+        checks.assert_contract(out, d, ref, IMG)
     assert n_labelled >= 2
 
 
-def test_dict_delegates_to_array_transform_and_pure_function():
-    d = NSAd(source_key="src").set_random_state(seed=11)(sample())
-    syn, mask = NSA().set_random_state(seed=11)(IMG[None], LUNG[None], source=SRC[None])
-    np.testing.assert_array_equal(d["synthetic"], syn)
-    np.testing.assert_array_equal(d["mask"], mask)
-    t = NSA().set_random_state(seed=11)
-    t.randomize()
-    want = synthesize_nsa(IMG, LUNG, np.random.default_rng(t._seed), source=SRC)
-    np.testing.assert_array_equal(syn[0], want[0])
-    np.testing.assert_array_equal(mask[0], want[1])
-
-
-def outputs(t, make_sample, seed, n_calls=4):
-    t.set_random_state(seed=seed)
-    res = []
-    for _ in range(n_calls):
-        out = t(make_sample())
-        for d in (out if isinstance(out, list) else [out]):
-            res.append((as_np(d["synthetic"]), as_np(d["mask"])))
-    return res
-
-
-def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
-
-
-@pytest.mark.parametrize("wrap", [False, True], ids=["NSAd", "SyntheticCopiesd(NSAd)"])
-def test_same_seed_same_output_different_seed_different_output(wrap):
-    make = lambda: SyntheticCopiesd(NSAd(source_key="src"), n_synthetic=(1, 3)) if wrap else NSAd(source_key="src")
-    a, b = outputs(make(), sample, 7), outputs(make(), sample, 7)
-    assert same(a, b)
-    assert not same(a, outputs(make(), sample, 8))
-    t = make()
-    assert same(outputs(t, sample, 3), outputs(t, sample, 3))
-
-
-def test_prob_zero_and_empty_lungs():
-    out = NSAd(prob=0.0, source_key="src").set_random_state(0)(sample())
-    assert np.array_equal(out["synthetic"], out["image"]) and not out["mask"].any()
+def test_empty_lungs_still_synthesised():
     d = sample()
     d["lung"] = np.zeros_like(d["lung"])
     outs = [NSAd(source_key="src").set_random_state(s)(d) for s in range(4)]  # NSA ignores the lungs
     assert any(o["mask"].any() for o in outs)
-    out = NSAd(source_key="src", restrict_to_lung=True).set_random_state(0)(d)  # now a clean sample
-    assert np.array_equal(out["synthetic"], d["image"]) and not out["mask"].any()
-    with pytest.raises(ValueError, match="no lung pixel"):
-        NSAd(source_key="src", restrict_to_lung=True, on_empty_lung="raise")(d)
 
 
 def write_pool(tmp_path, n=3):
@@ -333,8 +231,7 @@ def write_pool(tmp_path, n=3):
 
 
 def test_source_pool_path_reproducible_and_uses_the_pool_image(tmp_path):
-    paths = write_pool(tmp_path)
-    pool = SourcePool([{"image": p} for p in paths], loader=LoadCXRd("image", size=64))
+    pool = checks.make_pool(write_pool(tmp_path))
     t = NSAd(source_pool=pool)
     a, b = outputs(t, lambda: sample(source=False), 5), outputs(t, lambda: sample(source=False), 5)
     assert same(a, b) and any(m.any() for _, m in a)
@@ -346,52 +243,17 @@ def test_source_pool_path_reproducible_and_uses_the_pool_image(tmp_path):
         ref = NSA().set_random_state(seed)(IMG[None], LUNG[None], source=pool.load(arr._source_index))
         np.testing.assert_array_equal(syn, ref[0])
         np.testing.assert_array_equal(mask, ref[1])
-    # an explicit source wins over the pool
-    out = NSAd(source_pool=pool, source_key="src").set_random_state(1)(sample())
-    ref = NSAd(source_key="src").set_random_state(1)(sample())
-    np.testing.assert_array_equal(out["synthetic"], ref["synthetic"])
-
-
-def test_missing_pool_and_source_is_a_clear_error():
-    with pytest.raises(ValueError, match="give a source_pool"):
-        NSAd()(sample(source=False))
-    with pytest.raises(ValueError, match="give a source_pool"):
-        NSAd(source_key="src")(sample(source=False))  # the key is absent from this sample
-    out = NSAd(prob=0.0)(sample(source=False))  # a clean sample needs no source
-    assert not out["mask"].any()
-    bad = sample()
-    bad["src"] = bad["src"][:, :-1]
-    with pytest.raises(ValueError, match="source image shape"):
-        NSAd(source_key="src")(bad)
 
 
 def test_dict_errors_options_and_keys():
-    with pytest.raises(ValueError, match=r"on_empty_lung must be one of"):
-        NSAd(on_empty_lung="skip")
     with pytest.raises(ValueError, match=r"clone \(nsa_clone\)"):
         NSAd(clone="poisson")
     with pytest.raises(ValueError, match=r"label \(nsa_label\)"):
         NSA(label="soft")
     with pytest.raises(ValueError, match=r"nsa_resize_bounds"):
         NSA(resize_bounds=(1.3, 0.7))
-    with pytest.raises(ValueError, match=r"synthesis_prob"):
-        NSAd(prob=2)
     with pytest.raises(TypeError, match="unknown parameter"):
         NSAd(n_patch=2)
-    with pytest.raises(TypeError, match="unknown parameter"):
-        NSA(size=3)
-    d = sample()
-    del d["lung"]
-    with pytest.raises(KeyError, match="lung"):
-        NSAd(source_key="src")(d)
-    assert "synthetic" not in NSAd(source_key="src", allow_missing_keys=True)(d)
-    out = NSAd(keys="img", lung_key="lungs", synthetic_key="syn", mask_key="m", source_key="s").set_random_state(0)(
-        {"img": IMG[None], "lungs": LUNG[None], "s": SRC[None]})
-    assert out["syn"].shape == (1, 64, 64) and out["m"].any()
-    t = NSAd(params=NSAParams(n_patches=1), label="binary")
-    assert t.synthesizer.params == NSAParams(n_patches=1, label="binary")
-    assert t.synthesizer.needs_source and not t.synthesizer.needs_lung
-    assert NSAd(restrict_to_lung=True).synthesizer.needs_lung
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,36 +261,22 @@ def test_dict_errors_options_and_keys():
 
 
 def test_method_file_parses_and_preprocessing_writes_synthetic_and_mask(tmp_path):
-    from monai.bundle import ConfigParser
-
-    from scripts.data.phantoms import generate_demo_dataset
-
     t0 = time.perf_counter()
-    generate_demo_dataset(tmp_path / "demo", n_train=4, n_test_healthy=1, n_test_diseased=1, size=64)
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "methods" / "nsa.json")])
-    parser.update({"dataset_dir": str(tmp_path / "demo"), "hparams#image_size": 64})
+    parser = checks.method_parser("nsa", checks.write_demo(tmp_path / "demo"))
     hp = parser.get_parsed_content("hparams")
     assert hp["method"] == "nsa" and hp["mask_target_threshold"] == 0.5  # validation target: d >= x0 (4 levels)
-    defaults = NSAParams()
-    for f in dataclasses.fields(NSAParams):  # every tunable is a named hparam with the published default
-        if f.name != "reference_size":
-            v = hp[f"nsa_{f.name}"]
-            assert (tuple(v) if isinstance(v, list) else v) == getattr(defaults, f.name), f.name
+    # every tunable is a named hparam with the published default
+    checks.assert_hparams_are_defaults(hp, NSAParams, "nsa", skip=("reference_size",))
     synth = parser.get_parsed_content("synthesis")
-    assert isinstance(synth, NSAd) and synth.synthesizer.params == defaults
+    assert isinstance(synth, NSAd) and synth.synthesizer.params == NSAParams()
     assert isinstance(synth.synthesizer.source_pool, SourcePool)
     item = parser.get_parsed_content("data_split")[0][0]
     preprocessing = parser.get_parsed_content("train#preprocessing")
     masks = []
     for seed in range(3):
         out = preprocessing.set_random_state(seed)(item)
-        assert isinstance(out, list) and len(out) >= 2  # clean + 1..3 synthetic copies
-        for d in out:
-            assert tuple(d["synthetic"].shape) == tuple(d["mask"].shape) == (1, 64, 64)
-            assert d["synthetic"].dtype == d["mask"].dtype == torch.float32
-            assert 0 <= float(d["mask"].min()) and float(d["mask"].max()) <= 1
-        assert not as_np(out[0]["mask"]).any()
+        checks.assert_training_samples(out)
         masks += [as_np(d["mask"]) for d in out[1:]]
+        assert all(0 <= m.min() and m.max() <= 1 for m in masks)
     assert any(m.any() for m in masks)
     assert time.perf_counter() - t0 < 10

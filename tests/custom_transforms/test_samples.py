@@ -7,7 +7,7 @@ from monai.data import DataLoader, Dataset, MetaTensor
 
 from custom_transforms.synthesis.artasyn import ARTASynd
 from custom_transforms.synthesis.samples import CleanSampled, SeededPerSampled, SyntheticCopiesd
-from tests.custom_transforms.test_artasyn import phantom
+from tests.custom_transforms.synthesis_helpers import phantom
 
 IMG, LUNG = phantom(64)
 
