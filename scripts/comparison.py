@@ -79,6 +79,23 @@ def plan_grid(methods, losses) -> list[Cell]:
     return [Cell(m, v) for m in methods for v in losses]
 
 
+def parse_cells(spec: str) -> list[Cell]:
+    """Explicit cells ``"none:global,artasyn:artasyn"`` (method:loss pairs), validated.
+
+    Raises:
+        ValueError: a pair without ``:``, an unknown method or loss setting, or no pair at all.
+    """
+    cells = []
+    for pair in (p for p in spec.split(",") if p):
+        method, sep, loss = pair.partition(":")
+        if not sep:
+            raise ValueError(f"cells must be method:loss pairs, got {pair!r} (e.g. none:global,artasyn:artasyn)")
+        cells.append(Cell(validate_method(method), validate_loss(loss)))
+    if not cells:
+        raise ValueError("cells is empty")
+    return cells
+
+
 def budget_name(budget: Path | None) -> str:
     return Path(budget).stem if budget else "default"
 

@@ -30,6 +30,9 @@ def parse_args(argv=None):
     ap.add_argument("--methods", default="none,artasyn",
                     help=f"comma-separated methods of configs/methods/ ({', '.join(cmp.available_methods())})")
     ap.add_argument("--losses", default="global,artasyn", help="comma-separated loss settings: global, artasyn")
+    ap.add_argument("--cells", default=None,
+                    help="explicit method:loss pairs instead of the methods x losses grid, e.g. the paper's Table 2 "
+                         "rows none:global,cutpaste:artasyn,nsa:artasyn,anatpaste:artasyn,fpi:artasyn,artasyn:artasyn")
     ap.add_argument("--budget", type=Path, default=None, help="override file with the budget (image size, epochs, ...)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (cells, tables, default tracking store)")
     ap.add_argument("--tracking_uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlruns.db)")
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cells = cmp.plan_grid([m for m in args.methods.split(",") if m], [v for v in args.losses.split(",") if v])
+        cells = cmp.parse_cells(args.cells) if args.cells else \
+            cmp.plan_grid([m for m in args.methods.split(",") if m], [v for v in args.losses.split(",") if v])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,10 @@ def test_plan_grid_validates_names():
         cmp.plan_grid(["bogus"], ["global"])
     with pytest.raises(ValueError, match=r"loss setting \(losses\).*'l1'"):
         cmp.plan_grid(["none"], ["l1"])
+    expected = [cmp.Cell("none", "global"), cmp.Cell("artasyn", "artasyn")]
+    assert cmp.parse_cells("none:global,artasyn:artasyn") == expected
+    with pytest.raises(ValueError, match="method:loss pairs"):
+        cmp.parse_cells("none")
 
 
 def _fake_eval(uri, method, loss, auroc, budget="tiny", finished_metrics=True):
