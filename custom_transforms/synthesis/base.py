@@ -252,8 +252,14 @@ class AnomalySynthesis(RandomizableTransform):
             extra = {"source": self._source(img, source, image.shape)} if self.needs_source else {}
             synthetic, mask = self.synthesize(image, labels, np.random.default_rng(self._seed), **extra)
         if synthetic is None:
-            synthetic, mask = image.copy(), np.zeros(image.shape, np.float32)
+            return self.clean(img)
         return like(synthetic, img, dtype=np.float32), like(mask, img, dtype=np.float32)
+
+    @staticmethod
+    def clean(img):
+        """A clean sample: ``(copy of the image, all-zero mask)`` as float32 in the image's container."""
+        image = as_2d(img, "image").astype(np.float32)
+        return like(image, img, dtype=np.float32), like(np.zeros(image.shape, np.float32), img, dtype=np.float32)
 
 
 class AnomalySynthesisd(RandomizableTransform, MapTransform):
@@ -305,8 +311,10 @@ class AnomalySynthesisd(RandomizableTransform, MapTransform):
                 raise KeyError(f"{type(self).__name__}: key '{self.lung_key}' (lung labels) is missing from the "
                                f"data dictionary (keys: {list(d)})")
             self.randomize(None)
-            self.synthesizer.randomize()
-            self.synthesizer._do_transform = self._do_transform and self.synthesizer._do_transform
+            self.synthesizer.randomize()  # always drawn: the random stream does not depend on the prob outcome
+            if not self._do_transform:
+                d[self.synthetic_key], d[self.mask_key] = self.synthesizer.clean(d[key])
+                continue
             source = d.get(self.source_key) if self.source_key else None
             d[self.synthetic_key], d[self.mask_key] = self.synthesizer(d[key], d[self.lung_key], source=source,
                                                                        randomize=False)
