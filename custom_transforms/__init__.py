@@ -39,6 +39,7 @@ from custom_transforms.synthesis import (
     CutPasted,
     FPId,
     NSAd,
+    RandPoolImaged,
     SeededPerSampled,
     SourcePool,
     SyntheticCopiesd,
@@ -55,7 +56,7 @@ __all__ = [
     # synthesis
     "METHODS", "STEPS", "AnomalySynthesis", "AnomalySynthesisd", "ARTASyn", "ARTASynd", "ARTASynParams", "CutPasted",
     "NSAd", "AnatPasted", "FPId", "CleanSampled",
-    "SeededPerSampled", "SourcePool", "SyntheticCopiesd", "make_brush", "synthesize_artasyn",
+    "RandPoolImaged", "SeededPerSampled", "SourcePool", "SyntheticCopiesd", "make_brush", "synthesize_artasyn",
     # anomaly maps, scores, masks
     "SCORE_KINDS", "AnomalyPostd", "anomaly_map", "calibrate_threshold", "image_score", "paper_mask",
     "threshold_mask",

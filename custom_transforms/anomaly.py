@@ -1,10 +1,11 @@
-"""Anomaly maps, image scores and masks of a restoration network's output, and their MONAI transform.
+"""Anomaly maps, image scores and masks of a network's output, and their MONAI transform.
 
 The rules, all per image (never across a batch): ``A = |I - I_hat|`` (ART-ASyn Sec. 3.3); the image score
 is the mean squared error (the paper) or another :data:`SCORE_KINDS` kind; the binary mask follows the
 paper's rule ``A >= max(floor, rel * max(A))`` or a fixed (calibrated) threshold, optionally restricted to
 a region such as the dilated lungs. :class:`AnomalyPostd` applies them in the evaluation and inference
-configs.
+configs. A model family that makes its own map and score (AnatPaste's classifier: a Grad-CAM map and a
+negative log density) hands them over as ``{"amap": ..., "score": ...}`` and gets the same mask rules.
 
 Array functions accept numpy arrays or torch tensors and return the same kind. Image stacks are
 ``(N, ...)`` with the first axis indexing images; a 2-D array ``(H, W)`` is one image.
@@ -132,7 +133,8 @@ class AnomalyPostd(MapTransform):
 
     Args:
         input_key: the network input (``I``; in MONAI evaluator outputs this is ``"image"``).
-        pred_key: the reconstruction ``I_hat`` (``"pred"``).
+        pred_key: the reconstruction ``I_hat`` (``"pred"``), or a mapping ``{"amap": (1, H, W), "score": ...}``
+            from a model that makes its own anomaly map and score (then ``score`` below is not used).
         score: image score kind (``"mse"`` as in the paper, ``"mean_abs"``, ``"topk_mean"``).
         threshold: ``None`` for the paper's per-image rule, else a fixed threshold on ``A``.
         region_key / region_dilation: restrict the mask to ``d[region_key] > 0`` dilated by this many px.
@@ -164,8 +166,7 @@ class AnomalyPostd(MapTransform):
             if k not in d:
                 raise KeyError(f"AnomalyPostd: key '{k}' not found; available keys: {sorted(map(str, d))}")
         img = torch.as_tensor(d[self.input_key]).float()
-        pred = torch.as_tensor(d[self.pred_key]).float().clamp(0.0, 1.0)
-        amap = anomaly_map(img, pred)
+        amap, score = self.map_and_score(img, d[self.pred_key])
         region = None
         if self.region_key is not None:
             region = dilate_region(torch.as_tensor(d[self.region_key]), self.region_dilation).to(amap.device)
@@ -175,10 +176,26 @@ class AnomalyPostd(MapTransform):
             mask = threshold_mask(amap, self.threshold, region=region)
         d["amap"] = amap
         d["pred_mask"] = torch.as_tensor(mask).float()
-        d["score"] = torch.as_tensor(image_score(img, pred, kind=self.score), dtype=torch.float32).reshape(-1)
+        d["score"] = score
         if self.mask_key is not None:
             target = (torch.as_tensor(d[self.mask_key]).float() >= self.target_threshold).float()
             d["target_mask"] = target
             flat = target.reshape(target.shape[0], -1) if target.ndim == 4 else target.reshape(1, -1)
             d["is_synthetic"] = (flat.sum(1) > 0).float()  # one flag per image (item: shape (1,))
         return d
+
+    def map_and_score(self, img: torch.Tensor, pred) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, score)``: from a restoration (``|I - clamp(I_hat)|``, :func:`image_score`) or a map output."""
+        if isinstance(pred, Mapping):
+            missing = {"amap", "score"} - set(pred)
+            if missing:
+                raise KeyError(f"AnomalyPostd: the map output under '{self.pred_key}' lacks {sorted(missing)}; "
+                               f"it has {sorted(map(str, pred))}")
+            amap = torch.as_tensor(pred["amap"]).float().to(img.device)
+            if amap.shape != img.shape:
+                raise ValueError(f"AnomalyPostd: anomaly map shape {tuple(amap.shape)} differs from the image "
+                                 f"shape {tuple(img.shape)}")
+            return amap, torch.as_tensor(pred["score"], dtype=torch.float32).reshape(-1)
+        recon = torch.as_tensor(pred).float().clamp(0.0, 1.0)
+        score = torch.as_tensor(image_score(img, recon, kind=self.score), dtype=torch.float32).reshape(-1)
+        return anomaly_map(img, recon), score

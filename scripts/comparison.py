@@ -1,14 +1,18 @@
-"""The paper's comparison (ART-ASyn Table 2): a grid of synthesis methods x loss settings, each cell a training
-plus a test evaluation under one budget, all in one MLflow experiment, and the table built from MLflow.
+"""The papers' comparisons (ART-ASyn Tables 1 and 2): a grid of synthesis methods x loss settings and of model
+families (AnatPaste's classifier, SAGAN), each cell a training plus a test evaluation under one budget, all in
+one MLflow experiment, and the table built from MLflow.
 
 A cell is ``(method, loss)``: the configs ``train.json`` + the budget override + ``configs/methods/<method>.json``
-(+ ``configs/overrides/loss_global.json`` for ``loss="global"``, the U-Net's global MSE only; ``"artasyn"`` is
-the paper's four terms). Each cell trains in ``<out>/cells/<method>_<loss>/`` (checkpoints there, so a killed
-cell resumes). Its evaluation run carries ``method``, ``loss_name`` and ``budget`` as parameters and, as
-metrics, ``train_seconds`` (wall time of all training attempts of the cell) and ``images_seen`` (training
-iterations x batch size: healthy images drawn, each giving one clean and 1-3 synthetic samples). A cell whose
-evaluation run is FINISHED with those metrics is complete and skipped, so a grid can span several invocations
-or machines sharing the tracking store.
+(+ ``configs/overrides/loss_global.json`` for ``loss="global"``, the U-Net's global MSE only; ``"artasyn"`` is the
+paper's four terms) + the budget's refinement for that method, ``<budget>.<method>.json`` beside the budget file,
+when there is one (e.g. ``cpu_grid.sagan.json``: the GAN's widths at the CPU budget). A method whose file sets its
+own ``loss_name`` (a model family of its own: ``anatpaste_classifier`` ``ce``, ``sagan`` ``wgan_gp``) has one cell
+with that loss, whatever the loss settings of the grid. Each cell trains in ``<out>/cells/<method>_<loss>/``
+(checkpoints there, so a killed cell resumes). Its evaluation run carries ``method``, ``loss_name`` and ``budget``
+as parameters and, as metrics, ``train_seconds`` (wall time of all training attempts of the cell) and
+``images_seen`` (training iterations x batch size: healthy images drawn, each giving one clean and 1-3 synthetic
+samples). A cell whose evaluation run is FINISHED with those metrics is complete and skipped, so a grid can span
+several invocations or machines sharing the tracking store.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in (CONFIGS / "methods").glob("*.json")))
 
 
+def own_loss(method: str) -> str | None:
+    """The fixed loss of a method that is a model family of its own (its file's ``loss_name`` is not one of
+    :data:`LOSSES`), else None (a synthesis method for the U-Net, trained under each loss setting)."""
+    cfg = json.loads((CONFIGS / "methods" / f"{method}.json").read_text())
+    loss = cfg.get("+hparams", {}).get("loss_name")
+    return loss if loss is not None and loss not in LOSSES else None
+
+
 def validate_method(name: str) -> str:
     """Check a method name against ``configs/methods/``.
 
@@ -67,30 +79,49 @@ class Cell:
         files.append(CONFIGS / "methods" / f"{self.method}.json")
         if self.loss == "global":
             files.append(CONFIGS / "overrides" / "loss_global.json")
+        refinement = Path(budget).with_name(f"{Path(budget).stem}.{self.method}.json") if budget else None
+        if refinement is not None and refinement.is_file():
+            files.append(refinement)
         return [str(f) for f in files]
 
 
+def make_cell(method: str, loss: str | None) -> Cell:
+    """A validated cell; ``loss=None`` takes a model family's own loss.
+
+    Raises:
+        ValueError: unknown method; a loss setting a model family does not have; no loss for a synthesis method.
+    """
+    own = own_loss(validate_method(method))
+    if own is not None:
+        if loss not in (None, own):
+            raise ValueError(f"method {method!r} trains with its own loss {own!r}, got loss {loss!r}")
+        return Cell(method, own)
+    if loss is None:
+        raise ValueError(f"method {method!r} needs a loss setting: one of {LOSSES} (e.g. {method}:artasyn)")
+    return Cell(method, validate_loss(loss))
+
+
 def plan_grid(methods, losses) -> list[Cell]:
-    """Cells of ``methods x losses`` (validated), in the given order."""
-    methods = [validate_method(m) for m in methods]
+    """Cells of ``methods x losses`` (validated), in the given order; one cell for a model family."""
     losses = [validate_loss(v) for v in losses]
     if not methods or not losses:
         raise ValueError("the grid needs at least one method and one loss setting")
-    return [Cell(m, v) for m in methods for v in losses]
+    cells = []
+    for m in methods:
+        cells += [make_cell(m, None)] if own_loss(validate_method(m)) else [make_cell(m, v) for v in losses]
+    return cells
 
 
 def parse_cells(spec: str) -> list[Cell]:
-    """Explicit cells ``"none:global,artasyn:artasyn"`` (method:loss pairs), validated.
+    """Explicit cells ``"none:global,artasyn:artasyn,sagan"`` (method:loss pairs; a model family alone), validated.
 
     Raises:
-        ValueError: a pair without ``:``, an unknown method or loss setting, or no pair at all.
+        ValueError: a synthesis method without ``:loss``, an unknown method or loss setting, or no pair at all.
     """
     cells = []
     for pair in (p for p in spec.split(",") if p):
         method, sep, loss = pair.partition(":")
-        if not sep:
-            raise ValueError(f"cells must be method:loss pairs, got {pair!r} (e.g. none:global,artasyn:artasyn)")
-        cells.append(Cell(validate_method(method), validate_loss(loss)))
+        cells.append(make_cell(method, loss if sep else None))
     if not cells:
         raise ValueError("cells is empty")
     return cells

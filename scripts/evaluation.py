@@ -28,10 +28,10 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.utils import convert_to_numpy
 
-from custom_transforms.anomaly import anomaly_map, calibrate_threshold, dilate_region
+from custom_transforms.anomaly import calibrate_threshold, dilate_region
 from custom_transforms.io import save_png, write_json
 from custom_transforms.utils import Choice, as_2d
-from scripts.engine import prepare_restoration_batch
+from scripts.engine import AnomalyInferer, prepare_restoration_batch
 from scripts.metrics import dice_micro, dice_per_image, dice_score, image_auroc_ap
 from scripts.tracking import log_run
 from scripts.visualization import case_grid, roc_pr_png
@@ -63,11 +63,13 @@ class ThresholdCalibration:
     """
 
     def __init__(self, postprocessing, mask_rule: str = "paper", calibration_loader=None, network=None,
-                 quantile: float = 0.99, region_key: str | None = None, region_dilation: int = 0):
+                 quantile: float = 0.99, region_key: str | None = None, region_dilation: int = 0,
+                 inferer=None):
         self.mask_rule = validate_mask_rule(mask_rule)
         if mask_rule == "calibrated" and (calibration_loader is None or network is None or postprocessing is None):
             raise ValueError("mask_rule='calibrated' needs calibration_loader, network and postprocessing")
         self.post, self.loader, self.network = postprocessing, calibration_loader, network
+        self.inferer = inferer if inferer is not None else AnomalyInferer()
         self.quantile, self.region_key, self.region_dilation = quantile, region_key, region_dilation
         self.threshold: float | None = None
 
@@ -92,7 +94,8 @@ class ThresholdCalibration:
         with torch.no_grad():
             for batch in self.loader:
                 x, _ = prepare(batch, device)
-                maps.append(convert_to_numpy(anomaly_map(x, self.network(x).clamp(0, 1))))
+                amap, _ = self.post.map_and_score(x, self.inferer(x, self.network))
+                maps.append(convert_to_numpy(amap))
                 if self.region_key is not None:
                     region = dilate_region(torch.as_tensor(batch[self.region_key]), self.region_dilation)
                     regions.append(convert_to_numpy(region))

@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from custom_transforms.io import save_png, write_json
-from scripts.engine import prepare_restoration_batch
+from scripts.engine import AnomalyInferer, prepare_restoration_batch
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ def _panel(x: torch.Tensor) -> np.ndarray:
 class SampleGridHandler:
     """After each run of the evaluator it is attached to, save a PNG grid of validation samples.
 
-    Columns: synthetic input | anomaly mask | reconstruction | anomaly map |I_syn - I_hat| (x4 gain).
+    Columns: synthetic input | anomaly mask | the network's output | anomaly map. The output is the
+    reconstruction ``I_hat`` of a restoration network (its map ``|I_syn - I_hat|`` shown with x4 gain) or, for a
+    network with its own maps (AnatPaste's classifier), its Grad-CAM map (shown as is in both columns).
     """
 
     def __init__(self, data_loader, network, output_path, device=None, n: int = 4,
@@ -75,9 +77,16 @@ class SampleGridHandler:
         self.loader, self.network, self.path, self.device, self.n = data_loader, network, Path(output_path), device, n
         self.prepare = prepare_restoration_batch(input_key, target_key)
         self.mask_key = mask_key
+        self.inferer = AnomalyInferer("softmax")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def _panels(self, syn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.inferer(syn, self.network)
+        if isinstance(out, dict):
+            return out["amap"], out["amap"]
+        return out, 4 * (syn - out).abs()
 
     def __call__(self, engine: Engine | None = None) -> None:
         rows, device = [], self.device or next(self.network.parameters()).device
@@ -85,13 +94,12 @@ class SampleGridHandler:
         with torch.no_grad():
             for batch in self.loader:
                 syn, _ = self.prepare(batch, device)
-                recon = self.network(syn)
+                shown, amap = self._panels(syn)
                 for i in range(syn.shape[0]):
                     m = batch[self.mask_key][i]
                     if len(rows) < self.n and m.sum() > 0:  # show synthetic samples only
-                        a = _panel(syn[i])
-                        rows.append(np.concatenate([a, _panel(m), _panel(recon[i]),
-                                                    np.clip(4 * np.abs(a - _panel(recon[i])), 0, 1)], axis=1))
+                        rows.append(np.concatenate([_panel(syn[i]), _panel(m), _panel(shown[i]), _panel(amap[i])],
+                                                   axis=1))
                 if len(rows) >= self.n:
                     break
         if rows:

@@ -12,12 +12,13 @@ from custom_transforms.synthesis.brush import make_brush
 from custom_transforms.synthesis.cutpaste import CutPaste, CutPasted, CutPasteParams, synthesize_cutpaste
 from custom_transforms.synthesis.fpi import FPI, FPId, FPIParams, synthesize_fpi
 from custom_transforms.synthesis.nsa import NSA, NSAd, NSAParams, synthesize_nsa
-from custom_transforms.synthesis.samples import CleanSampled, SeededPerSampled, SyntheticCopiesd
+from custom_transforms.synthesis.samples import CleanSampled, RandPoolImaged, SeededPerSampled, SyntheticCopiesd
 
 METHODS = {"artasyn": ARTASynd, "cutpaste": CutPasted, "nsa": NSAd, "anatpaste": AnatPasted, "fpi": FPId}
 
 __all__ = ["METHODS", "STEPS", "ARTASyn", "ARTASynd", "ARTASynParams", "AnatPaste", "AnatPasted", "AnatPasteParams",
            "AnomalySynthesis", "AnomalySynthesisd", "CleanSampled", "CutPaste", "CutPasted", "CutPasteParams", "FPI",
-           "FPId", "FPIParams", "NSA", "NSAd", "NSAParams", "SeededPerSampled", "SourcePool", "SyntheticCopiesd",
+           "FPId", "FPIParams", "NSA", "NSAd", "NSAParams", "RandPoolImaged", "SeededPerSampled", "SourcePool",
+           "SyntheticCopiesd",
            "make_brush", "synthesize_anatpaste", "synthesize_artasyn", "synthesize_cutpaste", "synthesize_fpi",
            "synthesize_nsa"]

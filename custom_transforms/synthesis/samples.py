@@ -8,7 +8,9 @@ healthy image into the samples a batch holds:
 - :class:`SyntheticCopiesd`: the paper's composition, each healthy image once clean plus
   ``n ~ U{n_min..n_max}`` synthetic copies, returned as a list that MONAI's ``list_data_collate`` flattens;
 - :class:`SeededPerSampled`: runs a random transform with a seed fixed per file, so a validation set of
-  synthetic anomalies is the same every epoch (and cacheable).
+  synthetic anomalies is the same every epoch (and cacheable);
+- :class:`RandPoolImaged`: adds a randomly drawn image of a :class:`~custom_transforms.synthesis.base.SourcePool`
+  under its own key (SAGAN's unlabelled image ``x_u`` beside the healthy ``x_n``).
 """
 
 from __future__ import annotations
@@ -108,3 +110,31 @@ class SeededPerSampled(Transform):
     def __call__(self, data):
         self.transform.set_random_state(seed=file_seed(data, self.key, self.seed))
         return self.transform(data)
+
+
+class RandPoolImaged(Randomizable, Transform):
+    """``d[key]`` = an image drawn uniformly from ``pool`` (a :class:`~custom_transforms.synthesis.base.SourcePool`).
+
+    SAGAN (Zhang et al., MICCAI 2024) Sec. 2.1 trains on a healthy image ``x_n`` and an unlabelled image ``x_u``
+    (normal and abnormal mixed); this transform adds ``x_u``, loaded by the pool's loader so it has the size and
+    intensity handling of ``d["image"]``. The draw is made in :meth:`randomize` from the transform's own
+    generator (``set_random_state`` makes it reproducible).
+
+    Raises:
+        ValueError: ``pool`` is empty (raised by the pool).
+    """
+
+    def __init__(self, pool, key: str = "unlabelled"):
+        if len(pool) == 0:
+            raise ValueError("RandPoolImaged needs a non-empty pool")
+        self.pool, self.key = pool, key
+        self._index = 0
+
+    def randomize(self, data=None) -> None:
+        self._index = int(self.R.randint(len(self.pool)))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        self.randomize()
+        d = dict(data)
+        d[self.key] = self.pool.load(self._index)
+        return d

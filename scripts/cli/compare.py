@@ -8,6 +8,11 @@ resumes from its checkpoint, so re-running the same command continues the grid. 
         --losses global,artasyn --budget configs/overrides/cpu_budget.json --out runs/compare
     python -m scripts.cli.compare --dataset_dir data/zhanglab --methods ... --budget ... --out runs/compare --table-only
 
+Model families of their own (``anatpaste_classifier``, ``sagan``) take one cell each with their own loss, so the
+paper's Table 1 rows are, e.g., ``--cells artasyn:artasyn,anatpaste_classifier,sagan,none:global,...``. SAGAN's
+unlabelled images come from ``--unlabelled_dir`` (default ``<dataset_dir>``: its ``train/unlabelled/`` folder,
+which ``python -m scripts.data.convert zhanglab`` fills with a sample of the training images of both classes).
+
 Writes ``<out>/table.md``, ``<out>/table.csv`` and ``<out>/table.png``; the tracking store defaults to
 ``sqlite:///<out>/mlruns.db``.
 """
@@ -33,6 +38,9 @@ def parse_args(argv=None):
     ap.add_argument("--cells", default=None,
                     help="explicit method:loss pairs instead of the methods x losses grid, e.g. the paper's Table 2 "
                          "rows none:global,cutpaste:artasyn,nsa:artasyn,anatpaste:artasyn,fpi:artasyn,artasyn:artasyn")
+    ap.add_argument("--unlabelled_dir", default=None,
+                    help="SAGAN's unlabelled images: a dataset folder with train/unlabelled/, a plain image folder or "
+                         "a dataset CSV (split 'unlabelled'); default --dataset_dir")
     ap.add_argument("--budget", type=Path, default=None, help="override file with the budget (image size, epochs, ...)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (cells, tables, default tracking store)")
     ap.add_argument("--tracking_uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlruns.db)")
@@ -68,8 +76,10 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(cells)}] {cell.name}: training and evaluating "
                   f"(elapsed {time.perf_counter() - t0:.0f} s)", flush=True)
             try:
+                sagan = args.unlabelled_dir and cell.method == "sagan"
+                extra = {"unlabelled_dir": args.unlabelled_dir} if sagan else {}
                 cmp.run_cell(cell, args.dataset_dir, args.test_dir or args.dataset_dir, args.budget, out, uri,
-                             args.experiment)
+                             args.experiment, extra)
             except Exception as e:  # one failed cell never costs the others; reported and counted below
                 logging.getLogger("compare").exception("cell %s failed", cell.name)
                 failed.append(f"{cell.name}: {type(e).__name__}: {e}")

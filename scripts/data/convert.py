@@ -6,9 +6,12 @@ Supported sources (point ``--src`` at the folder you downloaded):
   train/healthy = train.csv rows with "No Finding" = 1; test = valid.csv (healthy when "No Finding" = 1,
   diseased otherwise).
 - ``zhanglab``: Kermany/ZhangLab ``chest_xray/{train,test}/{NORMAL,PNEUMONIA}``. train/NORMAL ->
-  train/healthy, test/NORMAL -> test/healthy, test/PNEUMONIA -> test/diseased (train pneumonia unused:
-  the method is unsupervised). A download without ``train/`` converts its test split only (a zero-shot
-  evaluation target, see ``test_dir`` in configs/evaluate.json).
+  train/healthy, test/NORMAL -> test/healthy, test/PNEUMONIA -> test/diseased. For semi-supervised methods
+  (SAGAN), ``train/unlabelled`` gets a fixed sample of ``--unlabelled`` training images (default 1000) of both
+  classes, ``--anomaly_ratio`` (default 0.6, SAGAN's setting) of them pneumonia, evenly spaced by file name;
+  its labels are never read (``--unlabelled 0`` skips it). Healthy images of the sample are also in
+  train/healthy. A download without ``train/`` converts its test split only (a zero-shot evaluation target,
+  see ``test_dir`` in configs/evaluate.json).
 - ``qata``: QaTa-COV19-v2 ``<Train|Test> Set/Images`` and ``Ground-truths`` (``mask_<name>.png``):
   all images -> test/diseased with their masks in ground_truth/diseased (zero-shot segmentation).
 
@@ -109,6 +112,35 @@ def plan_qata(src: Path) -> Plan:
     return plan
 
 
+def _evenly(items: list, n: int) -> list:
+    """``n`` items of ``items`` (sorted by the caller) at evenly spaced positions; all of them when fewer."""
+    if n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def plan_unlabelled(src: Path, n: int = 1000, anomaly_ratio: float = 0.6) -> Plan:
+    """ZhangLab's unlabelled pool: ``n`` training images, ``anomaly_ratio`` of them from train/PNEUMONIA.
+
+    SAGAN (Zhang et al., MICCAI 2024) Sec. 3.1 trains on healthy images plus unlabelled ones of both classes
+    (anomaly ratio 60% in its comparisons). The labels are kept in the CSV (split ``unlabelled``, label -1)
+    only as the unlabelled marker; no method reads them.
+
+    Raises:
+        ValueError: ``anomaly_ratio`` outside [0, 1] or ``n`` negative.
+    """
+    if not 0.0 <= anomaly_ratio <= 1.0 or n < 0:
+        raise ValueError(f"need n >= 0 and 0 <= anomaly_ratio <= 1, got n={n}, anomaly_ratio={anomaly_ratio}")
+    if (src / "chest_xray").is_dir() and not (src / "train").is_dir():
+        src = src / "chest_xray"
+    n_sick = round(n * anomaly_ratio)
+    picks = []
+    for folder, count in (("train/PNEUMONIA", n_sick), ("train/NORMAL", n - n_sick)):
+        if count and (src / folder).is_dir():
+            picks += _evenly(list_images(src / folder), count)
+    return [(p, f"train/unlabelled/{p.name}", -1, "unlabelled", None) for p in picks]
+
+
 PLANNERS = {"chexpert": plan_chexpert, "zhanglab": plan_zhanglab, "qata": plan_qata}
 
 
@@ -124,14 +156,21 @@ def _place(src: Path, dst: Path, mode: str) -> None:
     os.replace(tmp, dst)
 
 
-def convert(dataset: str, src, out, mode: str = "symlink", dry_run: bool = False) -> Counter:
-    """Convert ``dataset`` at ``src`` into ``out``; return counts per destination folder."""
+def convert(dataset: str, src, out, mode: str = "symlink", dry_run: bool = False, unlabelled: int = 1000,
+            anomaly_ratio: float = 0.6) -> Counter:
+    """Convert ``dataset`` at ``src`` into ``out``; return counts per destination folder.
+
+    ``unlabelled`` / ``anomaly_ratio``: the size and pneumonia fraction of ZhangLab's ``train/unlabelled`` sample
+    (:func:`plan_unlabelled`; other datasets have none).
+    """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if dataset not in PLANNERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(PLANNERS)}")
     if mode not in ("symlink", "copy", "csv"):
         raise ValueError(f"mode must be symlink, copy or csv, got {mode!r}")
     plan = PLANNERS[dataset](src)
+    if dataset == "zhanglab" and unlabelled:
+        plan += plan_unlabelled(src, unlabelled, anomaly_ratio)
     missing = [p for p, *_ in plan if not p.is_file()]
     if missing:
         logger.warning("%d listed images are missing on disk and are skipped (first: %s)", len(missing), missing[0])
@@ -177,10 +216,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder in the train/test/ground_truth convention")
     ap.add_argument("--mode", default="symlink", choices=("symlink", "copy", "csv"))
     ap.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    ap.add_argument("--unlabelled", type=int, default=1000,
+                    help="zhanglab: size of the train/unlabelled sample for semi-supervised methods (0: none)")
+    ap.add_argument("--anomaly_ratio", type=float, default=0.6,
+                    help="zhanglab: fraction of pneumonia images in train/unlabelled (SAGAN: 0.6)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        convert(args.dataset, args.src, args.out, args.mode, args.dry_run)
+        convert(args.dataset, args.src, args.out, args.mode, args.dry_run, args.unlabelled, args.anomaly_ratio)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

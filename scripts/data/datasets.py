@@ -28,6 +28,7 @@ SPLITS = {
     "test": [("test/healthy", 0), ("test/diseased", 1)],
     "test_healthy": [("test/healthy", 0)],
     "test_diseased": [("test/diseased", 1)],
+    "unlabelled": [("train/unlabelled", -1)],  # semi-supervised methods (SAGAN): label -1 = unknown, never read
 }
 
 
@@ -100,8 +101,10 @@ def discover_csv(csv_path, split: str | None = None) -> list[dict]:
                 label = int(row["label"])
             except ValueError:
                 raise ValueError(f"{csv_path}:{line}: label must be 0 or 1, got {row['label']!r}") from None
-            if label not in (0, 1):
-                raise ValueError(f"{csv_path}:{line}: label must be 0 or 1, got {label}")
+            unlabelled = row.get("split") == "unlabelled"
+            if label not in ((-1,) if unlabelled else (0, 1)):
+                need = "-1 (unknown) in split 'unlabelled'" if unlabelled else "0 or 1"
+                raise ValueError(f"{csv_path}:{line}: label must be {need}, got {label}")
             mask = (row.get("mask") or "").strip()
             mask_path = (csv_path.parent / mask).resolve() if mask else None
             if mask_path is not None and not mask_path.is_file():
@@ -121,6 +124,32 @@ def discover(source, split: str = "train") -> list[dict]:
     if source.suffix.lower() == ".csv":
         return discover_csv(source, split=None if split == "all" else split)
     return discover_folder(source, split)
+
+
+def discover_unlabelled(source) -> list[dict]:
+    """Unlabelled images for semi-supervised methods (SAGAN's ``x_u``), from ``source``:
+
+    a dataset CSV (rows of split ``unlabelled``), a dataset folder with ``train/unlabelled/``, or a plain
+    folder of images (all of them). Labels are never read; every item has label -1.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist or holds no image.
+    """
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        items = [r for r in discover_csv(source) if r["split"] == "unlabelled"]
+        if not items:
+            raise FileNotFoundError(f"{source}: no rows of split 'unlabelled'")
+        return items
+    if (source / "train" / "unlabelled").is_dir():
+        return discover_folder(source, "unlabelled")
+    if not source.is_dir():
+        raise FileNotFoundError(f"unlabelled images not found: '{source}' is neither a dataset CSV nor a folder")
+    items = [{"image": str(p), "label": -1, "split": "unlabelled", "name": p.name} for p in list_images(source)]
+    if not items:
+        raise FileNotFoundError(f"no unlabelled images in '{source}' (expected {source}/train/unlabelled/ or images "
+                                f"with suffixes {IMAGE_SUFFIXES}); for ZhangLab, re-run python -m scripts.data.convert")
+    return items
 
 
 def split_holdout(items: list[dict], fraction: float = 0.1, minimum: int = 1) -> tuple[list[dict], list[dict]]:

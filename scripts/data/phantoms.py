@@ -18,6 +18,8 @@ and their lesion mask.
 :func:`generate_demo_dataset` writes the folder convention read by :mod:`scripts.data.datasets`::
 
     <root>/train/healthy/phantom_00001.png ...      (n_train)
+    <root>/train/unlabelled/phantom_30001.png ...   (n_unlabelled; odd indices with lesions, no masks: the
+                                                     unlabelled pool of semi-supervised methods such as SAGAN)
     <root>/test/healthy/phantom_10001.png ...       (n_test_healthy)
     <root>/test/diseased/phantom_20001.png ...      (n_test_diseased)
     <root>/ground_truth/diseased/phantom_20001.png  (0/255 lesion masks, same name as the image)
@@ -56,7 +58,9 @@ SPLITS = {
     "train_healthy": ("train/healthy", 0, False),
     "test_healthy": ("test/healthy", 1, False),
     "test_diseased": ("test/diseased", 2, True),
+    "train_unlabelled": ("train/unlabelled", 3, False),
 }
+UNLABELLED = "train_unlabelled"  # mixed: lesions on odd indices, no masks written
 GT_FOLDER = "ground_truth/diseased"
 NAME_OFFSET = 10000  # file index = code * NAME_OFFSET + i + 1, so names never collide across splits
 
@@ -539,14 +543,15 @@ def phantom_name(split: str, index: int) -> str:
     return f"{PREFIX}{SPLITS[split][1] * NAME_OFFSET + index + 1:05d}.png"
 
 
-def _expected_manifest(n_train: int, n_test_healthy: int, n_test_diseased: int, size: int, seed: int) -> dict:
+def _expected_manifest(n_train: int, n_test_healthy: int, n_test_diseased: int, size: int, seed: int,
+                       n_unlabelled: int = 0) -> dict:
     return {
         "generator": "scripts.data.phantoms",
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "size": int(size),
         "counts": {"train_healthy": int(n_train), "test_healthy": int(n_test_healthy),
-                   "test_diseased": int(n_test_diseased)},
+                   "test_diseased": int(n_test_diseased), UNLABELLED: int(n_unlabelled)},
         "note": "procedural phantoms for smoke runs and tests, NOT for judging accuracy",
     }
 
@@ -578,7 +583,7 @@ def _files_present(root: Path, expected: dict) -> bool:
 
 
 def generate_demo_dataset(root, n_train: int = 48, n_test_healthy: int = 12, n_test_diseased: int = 12,
-                          size: int = 256, seed: int = 0, overwrite: bool = False) -> dict:
+                          size: int = 256, seed: int = 0, overwrite: bool = False, n_unlabelled: int = 8) -> dict:
     """Write the demo phantoms in the folder convention under ``root`` (see the module docstring).
 
     A complete set (manifest matching the request and every file present) is left as it is unless
@@ -589,11 +594,12 @@ def generate_demo_dataset(root, n_train: int = 48, n_test_healthy: int = 12, n_t
     complete set was kept), ``seconds``.
     """
     root = Path(root)
-    counts = dict(train_healthy=n_train, test_healthy=n_test_healthy, test_diseased=n_test_diseased)
+    counts = dict(train_healthy=n_train, test_healthy=n_test_healthy, test_diseased=n_test_diseased,
+                  train_unlabelled=n_unlabelled)
     for k, n in counts.items():
         if not 0 <= int(n) < NAME_OFFSET:
             raise ValueError(f"{k}: count must be in [0, {NAME_OFFSET}), got {n}")
-    expected = _expected_manifest(n_train, n_test_healthy, n_test_diseased, size, seed)
+    expected = _expected_manifest(n_train, n_test_healthy, n_test_diseased, size, seed, n_unlabelled)
     summary = {"root": str(root), "counts": expected["counts"], "seed": int(seed), "size": int(size)}
     if not overwrite and _matches(_read_manifest(root), expected) and _files_present(root, expected):
         logger.info("demo dataset at %s is complete (seed %d, size %d); not regenerating", root, seed, size)
@@ -615,7 +621,7 @@ def generate_demo_dataset(root, n_train: int = 48, n_test_healthy: int = 12, n_t
         wanted = set()
         for i in range(int(n)):
             rng = phantom_rng(seed, split, i)
-            n_les = int(rng.integers(1, 4)) if diseased else 0
+            n_les = int(rng.integers(1, 4)) if diseased or (split == UNLABELLED and i % 2) else 0
             image, lesion, _ = make_phantom(rng, size=size, lesions=n_les)
             name = phantom_name(split, i)
             wanted.add(name)
@@ -658,6 +664,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-train", type=int, default=48)
     ap.add_argument("--n-test-healthy", type=int, default=12)
     ap.add_argument("--n-test-diseased", type=int, default=12)
+    ap.add_argument("--n-unlabelled", type=int, default=8, help="train/unlabelled images, half with lesions")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="regenerate even if a complete set exists")
@@ -665,7 +672,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = generate_demo_dataset(args.out, n_train=args.n_train, n_test_healthy=args.n_test_healthy,
                                     n_test_diseased=args.n_test_diseased, size=args.size, seed=args.seed,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, n_unlabelled=args.n_unlabelled)
     print(json.dumps(summary, indent=2))
     return summary
 

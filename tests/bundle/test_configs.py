@@ -33,15 +33,20 @@ def network_signature(net: torch.nn.Module) -> dict:
 
 @pytest.mark.parametrize("override", [None] + OVERRIDES + [TINY], ids=lambda p: "none" if p is None else p.name)
 def test_inference_resolves_the_training_network(override):
-    """``inference.json`` + the override files used for training builds the same network (weights load strictly)."""
+    """``inference.json`` + the override files used for training builds the same network (weights load strictly).
+
+    A model family of its own (AnatPaste's classifier, SAGAN) has its inference override in
+    ``configs/methods/inference/``."""
     extra = [] if override is None else [override]
+    family = None if override is None else CONFIGS / "methods" / "inference" / override.name
+    infer_extra = [family] if family is not None and family.is_file() else extra
     train_net = parser_for([TRAIN] + extra).get_parsed_content("network_def")
-    infer_net = parser_for([INFER] + extra).get_parsed_content("network_def")
+    infer_net = parser_for([INFER] + infer_extra).get_parsed_content("network_def")
     assert type(train_net) is type(infer_net)
     assert network_signature(train_net) == network_signature(infer_net)
     infer_net.load_state_dict(train_net.state_dict())  # strict
-    p_train, p_infer = parser_for([TRAIN] + extra), parser_for([INFER] + extra)
-    for key in ("image_size", "mask_floor", "mask_rel"):  # preprocessing and mask rule agree too
+    p_train, p_infer = parser_for([TRAIN] + extra), parser_for([INFER] + infer_extra)
+    for key in ("image_size", "mask_floor", "mask_rel", "score_kind"):  # preprocessing and mask rule agree too
         assert p_train.get_parsed_content(f"hparams#{key}") == p_infer.get_parsed_content(f"hparams#{key}"), key
     n_intensity = [len(p.get_parsed_content("intensity_transforms")) for p in (p_train, p_infer)]
     assert n_intensity[0] == n_intensity[1]

@@ -41,6 +41,40 @@ def test_maps_score_and_paper_mask_by_hand():
     assert d["name"] == "a.png" and "is_synthetic" not in d  # other keys pass through; no mask_key, no flags
 
 
+def test_map_outputs_are_taken_as_they_are():
+    """A model with its own map and score (AnatPaste's classifier) gets the same mask rules, no restoration maths."""
+    amap = torch.zeros(1, 4, 4)
+    amap[0, 0, 0], amap[0, 1, 1], amap[0, 2, 2] = 1.0, 0.5, 0.1
+    d = AnomalyPostd(score="mse")(item(torch.rand(1, 4, 4), torch.zeros(1, 4, 4)) | {
+        "pred": {"amap": amap, "score": torch.tensor(7.5)}})
+    torch.testing.assert_close(d["amap"], amap)
+    assert d["score"].tolist() == [7.5]  # not an MSE of image and map
+    assert torch.nonzero(d["pred_mask"][0]).tolist() == [[0, 0], [1, 1]]  # >= max(0.03, 0.2 x 1.0)
+    with pytest.raises(KeyError, match="lacks \\['score'\\]"):
+        AnomalyPostd()({"image": torch.zeros(1, 4, 4), "pred": {"amap": amap}})
+    with pytest.raises(ValueError, match="anomaly map shape"):
+        AnomalyPostd()({"image": torch.zeros(1, 4, 4), "pred": {"amap": torch.zeros(1, 2, 2), "score": 1.0}})
+
+
+def test_anomaly_inferer_dispatches_by_family():
+    from scripts.engine import AnomalyInferer
+
+    class MapNet(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2, 3))
+
+        def anomaly_outputs(self, x, score="density"):
+            return {"amap": x, "score": torch.full((x.shape[0],), 1.0 if score == "density" else 0.5)}
+
+    x = torch.rand(2, 1, 8, 8)
+    restoration = torch.nn.Identity()
+    assert torch.equal(AnomalyInferer()(x, restoration), x)
+    assert AnomalyInferer("softmax")(x, MapNet())["score"].tolist() == [0.5, 0.5]
+    assert AnomalyInferer()(x, MapNet())["score"].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="classifier_score"):
+        AnomalyInferer("logit")
+
+
 def test_floor_applies_to_faint_maps():
     img = torch.zeros(1, 2, 2)
     pred = torch.tensor([[[0.04, 0.02], [0.025, 0.0]]])  # 0.2 * max = 0.008 < floor 0.03

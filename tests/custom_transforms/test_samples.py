@@ -6,7 +6,8 @@ import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 
 from custom_transforms.synthesis.artasyn import ARTASynd
-from custom_transforms.synthesis.samples import CleanSampled, SeededPerSampled, SyntheticCopiesd
+from custom_transforms.synthesis.base import SourcePool
+from custom_transforms.synthesis.samples import CleanSampled, RandPoolImaged, SeededPerSampled, SyntheticCopiesd
 from tests.custom_transforms.synthesis_helpers import phantom
 
 IMG, LUNG = phantom(64)
@@ -67,3 +68,16 @@ def test_lists_flatten_in_monai_dataloader():
     assert batch["synthetic"].shape == (6, 1, 64, 64) and batch["mask"].shape == (6, 1, 64, 64)
     assert batch["lung"].dtype == torch.uint8
     assert np.count_nonzero(batch["mask"].flatten(1).sum(1).numpy()) == 4
+
+
+def test_rand_pool_image_draws_reproducibly_from_the_pool():
+    images = [torch.full((1, 4, 4), float(i)) for i in range(5)]
+    pool = SourcePool([{"image": i} for i in range(5)], loader=lambda d: {"image": images[d["image"]]})
+    draws = []
+    for _ in range(2):
+        t = RandPoolImaged(pool, key="unlabelled").set_random_state(seed=3)
+        draws.append([float(t({"image": torch.zeros(1, 4, 4)})["unlabelled"][0, 0, 0]) for _ in range(20)])
+    assert draws[0] == draws[1]  # seeded: the same images in the same order
+    assert set(draws[0]) == {0.0, 1.0, 2.0, 3.0, 4.0}  # uniform over the pool: every image drawn in 20 tries
+    out = RandPoolImaged(pool)({"image": torch.zeros(1, 4, 4), "name": "a"})
+    assert set(out) == {"image", "name", "unlabelled"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,23 @@ def test_plan_grid_validates_names():
         cmp.plan_grid(["none"], ["l1"])
     expected = [cmp.Cell("none", "global"), cmp.Cell("artasyn", "artasyn")]
     assert cmp.parse_cells("none:global,artasyn:artasyn") == expected
-    with pytest.raises(ValueError, match="method:loss pairs"):
+    with pytest.raises(ValueError, match="needs a loss setting"):
         cmp.parse_cells("none")
+
+
+def test_model_families_take_their_own_loss(tmp_path):
+    cells = cmp.plan_grid(["none", "anatpaste_classifier", "sagan"], ["global", "artasyn"])
+    assert [c.name for c in cells] == ["none_global", "none_artasyn", "anatpaste_classifier_ce", "sagan_wgan_gp"]
+    assert cmp.parse_cells("artasyn:artasyn,sagan,anatpaste_classifier:ce") == [
+        cmp.Cell("artasyn", "artasyn"), cmp.Cell("sagan", "wgan_gp"), cmp.Cell("anatpaste_classifier", "ce")]
+    with pytest.raises(ValueError, match="own loss 'wgan_gp'"):
+        cmp.parse_cells("sagan:global")
+    files = cmp.Cell("sagan", "wgan_gp").config_files(cmp.CONFIGS / "overrides" / "cpu_grid.json")
+    assert [Path(f).name for f in files] == ["train.json", "cpu_grid.json", "sagan.json", "cpu_grid.sagan.json"]
+    budget = tmp_path / "b.json"
+    budget.write_text("{}")
+    files = cmp.Cell("sagan", "wgan_gp").config_files(budget)  # no refinement file beside this budget
+    assert [Path(f).name for f in files] == ["train.json", "b.json", "sagan.json"]
 
 
 def _fake_eval(uri, method, loss, auroc, budget="tiny", finished_metrics=True):

@@ -9,7 +9,7 @@ import pytest
 
 from scripts.data.convert import convert
 from scripts.data.convert import main as convert_main
-from scripts.data.datasets import discover, discover_csv, discover_folder, split_holdout
+from scripts.data.datasets import discover, discover_csv, discover_folder, discover_unlabelled, split_holdout
 from tests.helpers import REAL_CXR
 
 SHARED_CXR = REAL_CXR
@@ -100,6 +100,48 @@ def test_convert_zhanglab_dry_run_and_symlink(tmp_path, capsys):
     convert("zhanglab", src, out)
     assert (out / "train/healthy/a.png").is_symlink()
     assert {d["name"] for d in discover_folder(out, "test")} == {"c.png", "d.png"}
+
+
+def test_convert_zhanglab_unlabelled_sample(tmp_path):
+    """train/unlabelled: a fixed, evenly spaced sample of both training classes at the requested anomaly ratio."""
+    src = tmp_path / "chest_xray"
+    for i in range(10):
+        _png(src / f"train/NORMAL/n{i}.png")
+        _png(src / f"train/PNEUMONIA/p{i:02d}.png")
+    for sub in ("test/NORMAL/c.png", "test/PNEUMONIA/d.png"):
+        _png(src / sub)
+    out = tmp_path / "out"
+    counts = convert("zhanglab", src, out, unlabelled=5, anomaly_ratio=0.6)
+    assert counts["train/unlabelled"] == 5 and counts["train/healthy"] == 10
+    names = sorted(p.name for p in (out / "train/unlabelled").iterdir())
+    assert names == ["n0.png", "n5.png", "p00.png", "p03.png", "p06.png"]  # 3 of 5 pneumonia, evenly spaced
+    assert [d["label"] for d in discover_unlabelled(out)] == [-1] * 5  # labels never read
+    assert convert("zhanglab", src, tmp_path / "none", unlabelled=0)["train/unlabelled"] == 0
+    csv_counts = convert("zhanglab", src, tmp_path / "csv", mode="csv", unlabelled=4)
+    assert csv_counts["train/unlabelled"] == 4
+    rows = discover_unlabelled(tmp_path / "csv" / "dataset.csv")
+    assert len(rows) == 4 and {r["split"] for r in rows} == {"unlabelled"}
+    assert len(discover_csv(tmp_path / "csv" / "dataset.csv", "train")) == 10  # never mixed into training
+    with pytest.raises(ValueError, match="anomaly_ratio"):
+        convert("zhanglab", src, tmp_path / "bad", anomaly_ratio=1.5)
+
+
+def test_discover_unlabelled_sources(tmp_path, folder_ds):
+    plain = tmp_path / "plain"
+    _png(plain / "a.png")
+    _png(plain / "b.png")
+    assert [d["name"] for d in discover_unlabelled(plain)] == ["a.png", "b.png"]
+    with pytest.raises(FileNotFoundError, match="no unlabelled images"):
+        discover_unlabelled(folder_ds)  # a dataset without train/unlabelled and no images at its top
+    with pytest.raises(FileNotFoundError, match="neither"):
+        discover_unlabelled(tmp_path / "missing")
+    csv_path = tmp_path / "ds.csv"
+    csv_path.write_text(f"image,label,split\n{plain / 'a.png'},0,train\n")
+    with pytest.raises(FileNotFoundError, match="no rows of split 'unlabelled'"):
+        discover_unlabelled(csv_path)
+    csv_path.write_text(f"image,label,split\n{plain / 'a.png'},-1,train\n")
+    with pytest.raises(ValueError, match="label must be 0 or 1"):
+        discover_csv(csv_path)  # -1 (unknown) is allowed only in the unlabelled split
 
 
 def test_convert_zhanglab_test_only_download(tmp_path, caplog):

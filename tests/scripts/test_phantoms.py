@@ -16,7 +16,7 @@ from scripts.data import phantoms as dd
 from scripts.data.datasets import discover
 from tests.helpers import sha256_arrays
 
-SMALL = dict(n_train=3, n_test_healthy=2, n_test_diseased=2, size=64, seed=3)
+SMALL = dict(n_train=3, n_test_healthy=2, n_test_diseased=2, size=64, seed=3, n_unlabelled=2)
 
 
 def phantom(seed=0, size=256, lesions=0):
@@ -167,10 +167,11 @@ def test_layout_manifest_and_discovery(tmp_path):
                 | {f"test/healthy/phantom_{i:05d}.png" for i in (10001, 10002)}
                 | {f"test/diseased/phantom_{i:05d}.png" for i in (20001, 20002)}
                 | {f"ground_truth/diseased/phantom_{i:05d}.png" for i in (20001, 20002)}
+                | {f"train/unlabelled/phantom_{i:05d}.png" for i in (30001, 30002)}
                 | {"demo.json"})
     assert names == expected  # also: no temporary files left behind
     manifest = json.loads((root / "demo.json").read_text())
-    assert manifest["counts"] == {"train_healthy": 3, "test_healthy": 2, "test_diseased": 2}
+    assert manifest["counts"] == {"train_healthy": 3, "test_healthy": 2, "test_diseased": 2, "train_unlabelled": 2}
     assert manifest["seed"] == 3 and manifest["size"] == 64
     assert manifest["generator_version"] == dd.GENERATOR_VERSION
     assert "NOT for judging accuracy" in manifest["note"]
@@ -184,6 +185,14 @@ def test_layout_manifest_and_discovery(tmp_path):
     assert [d["label"] for d in test] == [0, 0, 1, 1]
     assert all(("gt_mask" in d) == (d["label"] == 1) for d in test)
     assert len(discover(root, "train")) == 3
+    # the unlabelled pool (SAGAN's x_u) mixes healthy and lesioned phantoms and has no masks
+    unlabelled = discover(root, "unlabelled")
+    assert [d["label"] for d in unlabelled] == [-1, -1] and not any("gt_mask" in d for d in unlabelled)
+    rng = dd.phantom_rng(3, "train_unlabelled", 1)
+    image, lesion, _ = dd.make_phantom(rng, size=64, lesions=int(rng.integers(1, 4)))  # odd index: lesions
+    assert lesion.max() > 0
+    np.testing.assert_array_equal(cv2.imread(str(root / "train/unlabelled/phantom_30002.png"), cv2.IMREAD_UNCHANGED),
+                                  image)
 
 
 def test_deterministic_bytes_and_subsets(tmp_path):
@@ -259,10 +268,10 @@ def test_atomic_writes_leave_no_temp_files(tmp_path, monkeypatch):
 
 def test_cli(tmp_path, capsys):
     summary = dd.main(["--out", str(tmp_path / "cli"), "--n-train", "2", "--n-test-healthy", "1",
-                       "--n-test-diseased", "1", "--size", "64", "--seed", "5"])
+                       "--n-test-diseased", "1", "--n-unlabelled", "0", "--size", "64", "--seed", "5"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == summary and printed["generated"] is True
-    assert printed["counts"] == {"train_healthy": 2, "test_healthy": 1, "test_diseased": 1}
+    assert printed["counts"] == {"train_healthy": 2, "test_healthy": 1, "test_diseased": 1, "train_unlabelled": 0}
 
 
 def test_docstring_warns_not_for_accuracy():
