@@ -46,13 +46,6 @@ def infer_files(family: str) -> list[str]:
     return [str(CONFIGS / "inference.json"), TINY, str(CONFIGS / "methods" / "inference" / f"{family}.json")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_tracking_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     from scripts.data.phantoms import generate_demo_dataset

@@ -130,14 +130,6 @@ def tiny_network(state_dict=None):
 
 # ------------------------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def no_tracking_env():
-    """MONAI's MLFlowHandler prefers MLFLOW_TRACKING_URI over the config's tracking_uri: keep it out."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     from scripts.data.phantoms import generate_demo_dataset
