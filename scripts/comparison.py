@@ -36,6 +36,7 @@ CONFIGS = REPO / "configs"
 LOSSES = ("global", "artasyn")
 TABLE_COLUMNS = ("method", "loss", "auroc", "ap", "dice_micro", "dice_mean", "train_seconds", "images_seen", "run_id")
 METRIC_COLUMNS = ("auroc", "ap", "dice_micro", "dice_mean")
+ZERO_SHOT_COLUMNS = ("zs_auroc", "zs_ap", "zs_dice_micro", "zs_dice_mean")  # the same metrics on another dataset
 EXPERIMENT = "comparison"
 
 validate_loss = Choice("losses", LOSSES, "loss setting")
@@ -148,6 +149,7 @@ def eval_runs(tracking_uri: str, experiment: str):
                                 order_by=["attributes.start_time DESC"], max_results=5000):
         row = {"run_id": r.info.run_id, "start_time": r.info.start_time}
         row.update({f"params.{k}": v for k, v in r.data.params.items()})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
         row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -167,17 +169,36 @@ def latest_eval(runs, cell: Cell, budget: str):
     return None if len(sel) == 0 else sel.iloc[0]
 
 
-def table_rows(runs, cells: list[Cell], budget: str) -> list[dict]:
-    """One row per cell with a complete evaluation run (columns :data:`TABLE_COLUMNS`)."""
+def latest_zero_shot(runs, cell: Cell, budget: str, zero_shot_dir):
+    """The newest zero-shot evaluation of ``cell``'s model (trained under ``budget``) on ``zero_shot_dir``, or None."""
+    need = {"params.method": cell.method, "params.loss_name": cell.loss, "params.budget": budget,
+            "tags.zero_shot_dir": str(zero_shot_dir)}
+    if runs is None or len(runs) == 0 or any(k not in runs.columns for k in need):
+        return None
+    sel = runs
+    for k, v in need.items():
+        sel = sel[sel[k] == v]
+    return None if len(sel) == 0 else sel.iloc[0]
+
+
+def _metric(r, k: str):
+    v = r.get(f"metrics.test_{k}", r.get(f"metrics.{k}"))
+    return None if v is None or v != v else float(v)
+
+
+def table_rows(runs, cells: list[Cell], budget: str, zero_shot_dir=None) -> list[dict]:
+    """One row per cell with a complete evaluation run (columns :data:`TABLE_COLUMNS`); with ``zero_shot_dir``
+    also :data:`ZERO_SHOT_COLUMNS` from the cell's zero-shot evaluation (None where there is none)."""
     rows = []
     for cell in cells:
         r = latest_eval(runs, cell, budget)
         if r is None:
             continue
         row = {"method": cell.method, "loss": cell.loss, "run_id": r["run_id"]}
-        for k in METRIC_COLUMNS + ("train_seconds", "images_seen"):
-            v = r.get(f"metrics.test_{k}", r.get(f"metrics.{k}"))
-            row[k] = None if v is None or v != v else float(v)
+        row.update({k: _metric(r, k) for k in METRIC_COLUMNS + ("train_seconds", "images_seen")})
+        if zero_shot_dir is not None:
+            z = latest_zero_shot(runs, cell, budget, zero_shot_dir)
+            row.update({k: None if z is None else _metric(z, k[3:]) for k in ZERO_SHOT_COLUMNS})
         rows.append(row)
     return rows
 
@@ -193,15 +214,23 @@ def _fmt(v, k: str) -> str:
     return f"{v:.3f}"
 
 
+def _metric_columns(rows: list[dict]) -> tuple[str, ...]:
+    return METRIC_COLUMNS + (ZERO_SHOT_COLUMNS if any("zs_auroc" in r for r in rows) else ())
+
+
 def render_markdown(rows: list[dict], title: str = "") -> str:
-    """Table 2 layout: one row per method x loss; the best value of each metric column in bold."""
-    best = {k: max((r[k] for r in rows if r[k] is not None), default=None) for k in METRIC_COLUMNS}
-    head = ["method", "loss", "AUROC", "AP", "Dice (micro)", "Dice (mean)", "train s", "images seen"]
+    """Tables 1/2 layout: one row per cell; the best value of each metric column in bold; zero-shot columns
+    (``zs ...``) when the rows have them."""
+    metrics = _metric_columns(rows)
+    best = {k: max((r[k] for r in rows if r[k] is not None), default=None) for k in metrics}
+    names = {"auroc": "AUROC", "ap": "AP", "dice_micro": "Dice (micro)", "dice_mean": "Dice (mean)"}
+    head = (["method", "loss"] + [names.get(k) or f"zs {names[k[3:]]}" for k in metrics]
+            + ["train s", "images seen"])
     lines = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(head) + " |",
                                                          "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["loss"]]
-        for k in METRIC_COLUMNS:
+        for k in metrics:
             s = _fmt(r[k], k)
             cells.append(f"**{s}**" if r[k] is not None and r[k] == best[k] else s)
         cells += [_fmt(r["train_seconds"], "train_seconds"), _fmt(r["images_seen"], "images_seen")]
@@ -210,10 +239,11 @@ def render_markdown(rows: list[dict], title: str = "") -> str:
 
 
 def render_csv(rows: list[dict]) -> str:
+    columns = list(TABLE_COLUMNS) + (list(ZERO_SHOT_COLUMNS) if any("zs_auroc" in r for r in rows) else [])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(TABLE_COLUMNS))
+    w = csv.DictWriter(buf, fieldnames=columns)
     w.writeheader()
-    w.writerows({k: ("" if r[k] is None else r[k]) for k in TABLE_COLUMNS} for r in rows)
+    w.writerows({k: ("" if r[k] is None else r[k]) for k in columns} for r in rows)
     return buf.getvalue()
 
 
@@ -308,4 +338,29 @@ def run_cell(cell: Cell, dataset_dir, test_dir, budget: Path | None, out: Path, 
         client.set_tag(handler.run_id, "train_run_id", train_run[0].info.run_id)
     client.log_metric(handler.run_id, "images_seen", float(iterations * batch))
     client.log_metric(handler.run_id, "train_seconds", float(progress["train_seconds"]))  # logged last: complete
+    return handler.run_id
+
+
+def run_zero_shot(cell: Cell, dataset_dir, zero_shot_dir, budget: Path | None, out: Path, tracking_uri: str,
+                  experiment: str = EXPERIMENT, extra: dict | None = None) -> str:
+    """Evaluate the trained model of ``cell`` on ``<zero_shot_dir>/test`` (another dataset; e.g. one with lesion
+    masks, for the Dice columns, like ART-ASyn's QaTa-ZeroShot column); returns the evaluation run id.
+
+    The run is tagged ``zero_shot_dir`` and written to ``<cell>/output/eval_zeroshot``.
+
+    Raises:
+        FileNotFoundError: the cell has no trained model (``models/model.pt``).
+    """
+    import mlflow
+
+    cell_dir = out / "cells" / cell.name
+    if not (cell_dir / "models" / "model.pt").is_file():
+        raise FileNotFoundError(f"cell {cell.name}: no trained model at '{cell_dir / 'models' / 'model.pt'}'")
+    wf = _workflow(cell.config_files(budget) + [str(CONFIGS / "evaluate.json")], "eval",
+                   {"bundle_root": str(cell_dir), "dataset_dir": str(dataset_dir), "tracking_uri": tracking_uri,
+                    "experiment_name": experiment, "hparams#budget": budget_name(budget), **(extra or {}),
+                    "test_dir": str(zero_shot_dir), "eval_run_name": f"zeroshot_{cell.name}",
+                    "eval_dir": str(cell_dir / "output" / "eval_zeroshot")})
+    handler = next(h for h in wf.parser.get_parsed_content("handlers") if hasattr(h, "run_id"))
+    mlflow.MlflowClient(tracking_uri=tracking_uri).set_tag(handler.run_id, "zero_shot_dir", str(zero_shot_dir))
     return handler.run_id

@@ -7,6 +7,7 @@ resumes from its checkpoint, so re-running the same command continues the grid. 
     python -m scripts.cli.compare --dataset_dir data/zhanglab --methods none,cutpaste,nsa,anatpaste,fpi,artasyn \\
         --losses global,artasyn --budget configs/overrides/cpu_budget.json --out runs/compare
     python -m scripts.cli.compare --dataset_dir data/zhanglab --methods ... --budget ... --out runs/compare --table-only
+    python -m scripts.cli.compare ... --zero_shot_dir ../shared/data/cxr/nih   # + zero-shot AUROC/AP/Dice columns
 
 Model families of their own (``anatpaste_classifier``, ``sagan``) take one cell each with their own loss, so the
 paper's Table 1 rows are, e.g., ``--cells artasyn:artasyn,anatpaste_classifier,sagan,none:global,...``. SAGAN's
@@ -41,12 +42,31 @@ def parse_args(argv=None):
     ap.add_argument("--unlabelled_dir", default=None,
                     help="SAGAN's unlabelled images: a dataset folder with train/unlabelled/, a plain image folder or "
                          "a dataset CSV (split 'unlabelled'); default --dataset_dir")
+    ap.add_argument("--zero_shot_dir", default=None,
+                    help="also evaluate every cell's model on this dataset's test split (e.g. one with lesion masks: "
+                         "zero-shot Dice columns 'zs ...', as ART-ASyn's QaTa-ZeroShot column)")
     ap.add_argument("--budget", type=Path, default=None, help="override file with the budget (image size, epochs, ...)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (cells, tables, default tracking store)")
     ap.add_argument("--tracking_uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlruns.db)")
     ap.add_argument("--experiment", default=cmp.EXPERIMENT, help=f"MLflow experiment (default {cmp.EXPERIMENT})")
     ap.add_argument("--table-only", action="store_true", help="only re-render the table from MLflow")
     return ap.parse_args(argv)
+
+
+def run_one(args, cell, label: str, out: Path, uri: str, budget: str, t0: float) -> None:
+    """Train + evaluate ``cell`` unless MLflow has it complete; then its zero-shot evaluation if asked and missing."""
+    sagan = args.unlabelled_dir and cell.method == "sagan"
+    extra = {"unlabelled_dir": args.unlabelled_dir} if sagan else {}
+    done = cmp.eval_runs(uri, args.experiment)
+    if cmp.latest_eval(done, cell, budget) is not None:
+        print(f"{label}: complete in MLflow, skipped", flush=True)
+    else:
+        print(f"{label}: training and evaluating (elapsed {time.perf_counter() - t0:.0f} s)", flush=True)
+        cmp.run_cell(cell, args.dataset_dir, args.test_dir or args.dataset_dir, args.budget, out, uri,
+                     args.experiment, extra)
+    if args.zero_shot_dir and cmp.latest_zero_shot(done, cell, budget, args.zero_shot_dir) is None:
+        print(f"{label}: zero-shot evaluation on {args.zero_shot_dir}", flush=True)
+        cmp.run_zero_shot(cell, args.dataset_dir, args.zero_shot_dir, args.budget, out, uri, args.experiment, extra)
 
 
 def main(argv=None) -> int:
@@ -67,24 +87,17 @@ def main(argv=None) -> int:
     budget = cmp.budget_name(args.budget)
     failed = []
     if not args.table_only:
-        done = cmp.eval_runs(uri, args.experiment)
         t0 = time.perf_counter()
         for i, cell in enumerate(cells, 1):
-            if cmp.latest_eval(done, cell, budget) is not None:
-                print(f"[{i}/{len(cells)}] {cell.name}: complete in MLflow, skipped", flush=True)
-                continue
-            print(f"[{i}/{len(cells)}] {cell.name}: training and evaluating "
-                  f"(elapsed {time.perf_counter() - t0:.0f} s)", flush=True)
             try:
-                sagan = args.unlabelled_dir and cell.method == "sagan"
-                extra = {"unlabelled_dir": args.unlabelled_dir} if sagan else {}
-                cmp.run_cell(cell, args.dataset_dir, args.test_dir or args.dataset_dir, args.budget, out, uri,
-                             args.experiment, extra)
+                run_one(args, cell, f"[{i}/{len(cells)}] {cell.name}", out, uri, budget, t0)
             except Exception as e:  # one failed cell never costs the others; reported and counted below
                 logging.getLogger("compare").exception("cell %s failed", cell.name)
                 failed.append(f"{cell.name}: {type(e).__name__}: {e}")
-    rows = cmp.table_rows(cmp.eval_runs(uri, args.experiment), cells, budget)
+    rows = cmp.table_rows(cmp.eval_runs(uri, args.experiment), cells, budget, args.zero_shot_dir)
     title = f"{Path(args.dataset_dir).name} -> {Path(args.test_dir or args.dataset_dir).name}, budget {budget}"
+    if args.zero_shot_dir:
+        title += f"; zs = zero-shot on {Path(args.zero_shot_dir).name}"
     print(cmp.write_tables(out, rows, title))
     print(f"{len(rows)}/{len(cells)} cells in the table: {out / 'table.md'}, table.csv, table.png; MLflow: {uri}")
     for f in failed:

@@ -108,6 +108,19 @@ def test_tiny_grid_runs_skips_and_resumes(tmp_path, demo_dir, capsys, monkeypatc
     assert capsys.readouterr().out.count("complete in MLflow, skipped") == 2
     assert len(cmp.eval_runs(uri, cmp.EXPERIMENT)) == 2
 
+    # zero-shot columns: only the evaluations run (once); on the same test set they repeat the main metrics
+    zs_args = args + ["--zero_shot_dir", str(demo_dir)]
+    assert main(zs_args) == 0
+    assert capsys.readouterr().out.count("zero-shot evaluation on") == 2
+    with open(out / "table.csv") as f:
+        zs_table = {(r["method"], r["loss"]): r for r in csv.DictReader(f)}
+    for key, row in zs_table.items():
+        assert float(row["zs_auroc"]) == pytest.approx(float(table[key]["auroc"]))
+        assert row["zs_dice_micro"] == table[key]["dice_micro"] != ""
+    assert main(zs_args) == 0
+    assert "zero-shot evaluation on" not in capsys.readouterr().out
+    assert len(cmp.eval_runs(uri, cmp.EXPERIMENT)) == 4
+
     # a cell killed after epoch 1 of 2 resumes at epoch 2 from its checkpoint
     budget2 = tmp_path / "tiny2.json"
     cfg = json.loads(TINY.read_text())
