@@ -16,6 +16,7 @@ from monai.utils import convert_to_tensor
 
 from custom_transforms.utils import Choice
 from scripts.networks import forward_with_features, unwrap
+from scripts.robust import check_finite_terms
 
 
 def _to(batch: dict, key: str, device, non_blocking: bool) -> torch.Tensor:
@@ -40,6 +41,10 @@ class ARTASynTrainStep:
     The clean features ``f_norm`` are computed without gradient (they are the alignment target) and
     only when the feature term is enabled. Returns the output dict MONAI handlers expect, with the
     loss terms as floats under ``"terms"`` for logging.
+
+    Raises:
+        scripts.robust.NonFiniteError: a loss term is NaN or infinite (checked before the optimiser step, so the
+            weights keep their last finite values); the message names the epoch, iteration and terms.
     """
 
     def __init__(self, input_key: str = "synthetic", target_key: str = "image", mask_key: str = "mask"):
@@ -59,11 +64,13 @@ class ARTASynTrainStep:
             with torch.no_grad():
                 _, f_norm = forward_with_features(engine.network, img)
         terms = loss_fn(recon, img, syn, mask, f_syn, f_norm)
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        check_finite_terms(values, engine)  # a NaN/inf loss stops training before it reaches the weights
         terms["loss"].backward()
         engine.optimizer.step()
         return {
             Keys.IMAGE: syn, Keys.LABEL: img, Keys.PRED: recon.detach(), Keys.LOSS: terms["loss"].detach(),
-            "terms": {k: float(v.detach()) for k, v in terms.items()},
+            "terms": values,
         }
 
 
@@ -78,6 +85,9 @@ class ClassifierTrainStep:
 
     ``engine.loss_function`` is a classification loss such as ``torch.nn.CrossEntropyLoss``. Returns the
     output dict MONAI handlers expect, with ``"terms"`` (``loss``, ``accuracy``) as floats for logging.
+
+    Raises:
+        scripts.robust.NonFiniteError: the loss is NaN or infinite (before the optimiser step).
     """
 
     def __init__(self, input_key: str = "synthetic", mask_key: str = "mask"):
@@ -91,6 +101,7 @@ class ClassifierTrainStep:
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         logits = engine.network(x)
         loss = engine.loss_function(logits, y)
+        check_finite_terms({"loss": float(loss.detach())}, engine)
         loss.backward()
         engine.optimizer.step()
         accuracy = (logits.detach().argmax(1) == y).float().mean()
