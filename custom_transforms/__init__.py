@@ -26,6 +26,7 @@ from custom_transforms.lung import (
 )
 from custom_transforms.lung.otsu import otsu_lung_seg
 from custom_transforms.lung.pbtseg import pbtseg
+from custom_transforms.plausibility import Plausibilityd, plausibility_reasons
 from custom_transforms.synthesis import (
     METHODS,
     STEPS,
@@ -60,4 +61,6 @@ __all__ = [
     # anomaly maps, scores, masks
     "SCORE_KINDS", "AnomalyPostd", "anomaly_map", "calibrate_threshold", "image_score", "paper_mask",
     "threshold_mask",
+    # plausibility gate (inference)
+    "Plausibilityd", "plausibility_reasons",
 ]
