@@ -41,3 +41,24 @@ def sha256_arrays(*arrays) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def error_chain(exc) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (MONAI wraps config errors in RuntimeErrors)."""
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def small_png(path, value=100):
+    """A 16 x 16 gray PNG of ``value`` with one black pixel, its folders created; returns the path."""
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.full((16, 16), value, np.uint8)
+    a[0, 0] = 0
+    cv2.imwrite(str(path), a)
+    return path

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle.test_workflows import META, error_chain, make_parser, make_workflow, run_workflow
-from tests.helpers import REPO, write_dicom
+from tests.bundle.test_workflows import META, make_parser, make_workflow, run_workflow
+from tests.helpers import REPO, error_chain, write_dicom
 
 CONFIGS = REPO / "configs"
 TINY = str(REPO / "tests" / "configs" / "tiny.json")

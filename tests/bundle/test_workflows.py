@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, error_chain
 
 CONFIGS = REPO / "configs"
 TINY = str(REPO / "tests" / "configs" / "tiny.json")
@@ -78,14 +78,6 @@ def run_workflow(wf, watch_trainer: bool = False):
     wf.run()
     wf.finalize()
     return SimpleNamespace(wf=wf, missing=missing, trainer=trainer, seen=seen)
-
-
-def error_chain(exc) -> list[BaseException]:
-    out = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
 
 
 def assert_error(excinfo, exc_type, fragment: str):

@@ -3,24 +3,17 @@
 import csv
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 from scripts.data.convert import convert
 from scripts.data.convert import main as convert_main
 from scripts.data.datasets import discover, discover_csv, discover_folder, discover_unlabelled, split_holdout
-from tests.helpers import REAL_CXR
+from tests.helpers import REAL_CXR, small_png
 
 SHARED_CXR = REAL_CXR
 
 
-def _png(path: Path, value=100):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = np.full((16, 16), value, np.uint8)
-    a[0, 0] = 0
-    cv2.imwrite(str(path), a)
-    return path
+_png = small_png
 
 
 @pytest.fixture

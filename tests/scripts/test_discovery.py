@@ -5,20 +5,13 @@ import csv
 import logging
 import os
 
-import cv2
 import numpy as np
 import pytest
 
 from scripts.data.datasets import discover, discover_csv, discover_folder, list_images, scan_folder
-from tests.helpers import write_dicom
+from tests.helpers import small_png, write_dicom
 
-
-def _png(path, value=100):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = np.full((16, 16), value, np.uint8)
-    a[0, 0] = 0
-    cv2.imwrite(str(path), a)
-    return path
+_png = small_png
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, REPO, write_dicom
+from tests.helpers import CONFIGS, REPO, error_chain, write_dicom
 
 INFER = [str(CONFIGS / "inference.json"), str(REPO / "tests" / "configs" / "tiny.json")]
 META = str(CONFIGS / "metadata.json")
@@ -104,14 +104,6 @@ def run(bundle: Path, dataset_dir: Path, output_dir: Path, hook=None, **override
         log.removeHandler(rec)
     return SimpleNamespace(wf=wf, todo=todo, stdout=out.getvalue(), records=rec.records,
                            rows=read_rows(output_dir), json=json.loads((output_dir / "scores.json").read_text()))
-
-
-def error_chain(exc) -> list[BaseException]:
-    out = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
 
 
 def read_rows(output_dir: Path) -> dict[str, dict]:
