@@ -196,12 +196,16 @@ class AnomalyEvaluationHandler:
         tracking_uri / experiment_name / run_name: the MLflow run (none when ``tracking_uri`` is empty).
         params: the run's parameters (:func:`scripts.tracking.run_params`). n_cases: rows of each kind in
             ``cases.png``.
+        tags: extra tags of the MLflow run besides ``stage=evaluate`` (e.g. ``train_run_id``: the training
+            run of the evaluated model, :func:`scripts.tracking.train_run_id`); tags whose value is None are
+            left out.
     """
 
     def __init__(self, output_dir, calibration: ThresholdCalibration | None = None, tracking_uri: str | None = None,
                  experiment_name: str = "art-asyn", run_name: str | None = None, params: dict | None = None,
-                 n_cases: int = 4):
+                 n_cases: int = 4, tags: dict | None = None):
         self.output_dir, self.calibration = Path(output_dir), calibration
+        self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
         self.params, self.n_cases = dict(params or {}), n_cases
         self.collector = ResultCollector()
@@ -238,6 +242,6 @@ class AnomalyEvaluationHandler:
             artifacts.append(self.output_dir / "cases.png")
         if self.tracking_uri:
             self.run_id = log_run(self.tracking_uri, self.experiment_name, self.run_name, self.params, self.metrics,
-                                  artifacts, tags={"stage": "evaluate"}, metric_prefix="test_")
+                                  artifacts, tags={**self.tags, "stage": "evaluate"}, metric_prefix="test_")
         print("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in self.metrics.items()))

@@ -7,14 +7,18 @@ the ``hparams`` dictionary at the top of the configs, and never copied by hand.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
 from pathlib import Path
 
+from ignite.engine import Engine, Events
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["flatten", "run_params", "command_line", "experiment_id", "log_run"]
+__all__ = ["flatten", "run_params", "command_line", "experiment_id", "log_run", "BestMetricLogger", "train_run_id",
+           "progress_bar_on"]
 
 MLFLOW_PARAM_LIMIT = 6000  # characters of one MLflow param value
 
@@ -89,3 +93,93 @@ def log_run(tracking_uri: str, experiment_name: str, run_name: str | None, param
         raise
     logger.info("MLflow run '%s' (%s) in %s", run.info.run_name, rid, tracking_uri)
     return rid
+
+
+def progress_bar_on(flag=True, main_rank: bool = True) -> bool:
+    """Whether to attach ignite's tqdm ``ProgressBar``: ``flag`` (a bool, or text from the command line) is on,
+    this is the main rank, and ``tqdm`` is installed (without it the bar is skipped with a log line)."""
+    if isinstance(flag, str):
+        if flag.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"progress_bar must be true or false, got {flag!r}")
+        flag = flag.strip().lower() in ("true", "1")
+    if not (flag and main_rank):
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        logger.info("tqdm is not installed: no progress bar")
+        return False
+    return True
+
+
+class BestMetricLogger:
+    """When training completes, log the best validation key metric and its epoch to the training's MLflow run.
+
+    The values are those of the weights in ``model.pt``: ``run_state.best_metric`` / ``best_epoch``
+    (:class:`scripts.handlers.RunState`, kept across resumes), else the validator's ``state.best_metric`` /
+    ``best_metric_epoch``. Metrics ``best_<metric_name>`` and ``best_epoch`` go to ``run_state.mlflow_run_id``
+    (MLflow takes metrics of a closed run too, so it may run after the MLflow handler that closes the run).
+    """
+
+    def __init__(self, tracking_uri: str, run_state=None, validator=None, metric_name: str = "val_dice"):
+        self.tracking_uri, self.run_state, self.validator = tracking_uri, run_state, validator
+        self.metric_name = metric_name
+        self.logged: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def best(self) -> tuple[float | None, int | None]:
+        rs = self.run_state
+        if rs is not None and rs.best_epoch is not None:
+            return rs.best_metric, rs.best_epoch
+        state = getattr(self.validator, "state", None)
+        epoch = getattr(state, "best_metric_epoch", -1)
+        if epoch is None or epoch < 0:
+            return None, None
+        return float(state.best_metric), int(epoch)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        import mlflow
+
+        run_id = getattr(self.run_state, "mlflow_run_id", None)
+        value, epoch = self.best()
+        if not run_id or epoch is None or value is None:
+            logger.info("no best %s to log to MLflow", self.metric_name)
+            return
+        self.logged = {f"best_{self.metric_name}": float(value), "best_epoch": int(epoch)}
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        for k, v in self.logged.items():
+            client.log_metric(run_id, k, float(v))
+        logger.info("best %s %.4g at epoch %d (MLflow run %s)", self.metric_name, value, epoch, run_id)
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train_run_id(checkpoint, ckpt_dir, prefix: str = "train") -> str | None:
+    """The MLflow run id of the training that wrote the model file ``checkpoint``, or None.
+
+    It is read from the ``"run"`` entry (:class:`scripts.handlers.RunState`) of the newest training checkpoint
+    in ``ckpt_dir``, and only trusted when that entry's ``best_sha256`` is the checksum of ``checkpoint``: the
+    model file is the best model of that very training (not one copied in, or from an older training).
+    """
+    from scripts.robust import load_newest_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file() or not Path(ckpt_dir).is_dir():
+        return None
+    path, content = load_newest_checkpoint(ckpt_dir, prefix, set_aside=False)
+    run = (content or {}).get("run") or {}
+    if not run.get("mlflow_run_id"):
+        return None
+    if run.get("best_sha256") != _sha256(checkpoint):
+        logger.warning("'%s' is not the best model of the training checkpoint '%s': no train_run_id", checkpoint,
+                       path)
+        return None
+    return str(run["mlflow_run_id"])

@@ -79,6 +79,7 @@ def build_trainer(config_files: list[str], overrides: dict):
     # no validation, checkpoints, MLflow or per-iteration logging
     parser["train"]["handlers_all_ranks"] = []
     parser["train"]["handlers_main_rank"] = []
+    parser["train"]["handlers_reporting"] = []  # no progress bar or MLflow reporting in a benchmark
     return parser.get_parsed_content("train#trainer", instantiate=True)
 
 
