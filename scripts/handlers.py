@@ -3,7 +3,6 @@ carried across resumes, a NaN guard), sample grids and a params snapshot."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import numbers
@@ -17,7 +16,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointSaver, MLFlowHandler
 
-from custom_transforms.io import save_png, write_json
+from custom_transforms.io import file_sha256, save_png, write_json
 from scripts.engine import AnomalyInferer, prepare_restoration_batch
 from scripts.networks import unwrap
 from scripts.robust import (
@@ -38,12 +37,7 @@ def latest_checkpoint(ckpt_dir, prefix: str = "train") -> Path | None:
     return files[0] if files else None
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 class RunState:

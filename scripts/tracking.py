@@ -7,13 +7,14 @@ the ``hparams`` dictionary at the top of the configs, and never copied by hand.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
 from pathlib import Path
 
 from ignite.engine import Engine, Events
+
+from custom_transforms.io import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +155,7 @@ class BestMetricLogger:
         logger.info("best %s %.4g at epoch %d (MLflow run %s)", self.metric_name, value, epoch, run_id)
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 def train_run_id(checkpoint, ckpt_dir, prefix: str = "train") -> str | None:

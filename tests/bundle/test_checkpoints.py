@@ -36,8 +36,6 @@ from tests.bundle.test_workflows import (
 )
 from tests.helpers import CONFIGS, REPO
 
-DEMO = dict(n_train=8, n_test_healthy=3, n_test_diseased=3, size=64, seed=0)
-
 
 class StallCheckpointWrite:
     """Test handler for the killed subprocess: the training checkpoint of ``epoch`` is written halfway, then the
@@ -60,15 +58,6 @@ class StallCheckpointWrite:
             time.sleep(300)
 
         torch.save = save
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    from scripts.data.phantoms import generate_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo_ckpt")
-    generate_demo_dataset(root, **DEMO)
-    return root
 
 
 @pytest.fixture(scope="module")

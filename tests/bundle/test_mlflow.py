@@ -19,28 +19,19 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.bundle.test_workflows import DEMO, EVAL, TRAIN, make_workflow, run_workflow, search_runs
+from tests.bundle.test_workflows import EVAL, TRAIN, make_workflow, run_workflow, search_runs
 
 MODEL_NAME = "art-asyn-tiny"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from scripts.data.phantoms import generate_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, **DEMO)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo):
+def trained(tmp_path_factory, demo_dir):
     """The tiny training with the model logged to its run and registered (``log_mlflow_model``)."""
     root = tmp_path_factory.mktemp("bundle")
-    wf = make_workflow(TRAIN, "train", bundle_root=str(root), dataset_dir=str(demo), log_mlflow_model=True,
+    wf = make_workflow(TRAIN, "train", bundle_root=str(root), dataset_dir=str(demo_dir), log_mlflow_model=True,
                        register_model_name=MODEL_NAME, progress_bar=False)
     res = run_workflow(wf)
-    res.root, res.demo = root, demo
+    res.root, res.demo = root, demo_dir
     res.tracking_uri = wf.parser.get_parsed_content("tracking_uri")
     res.experiment_name = wf.parser.get_parsed_content("experiment_name")
     runs = search_runs(res.tracking_uri, res.experiment_name)

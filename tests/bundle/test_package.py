@@ -30,7 +30,6 @@ from tests.helpers import REPO
 CONFIGS = REPO / "configs"
 TINY = REPO / "tests" / "configs" / "tiny.json"
 NAME = "art_asyn_bundle"
-DEMO = dict(n_train=8, n_test_healthy=3, n_test_diseased=3, size=64, seed=0)
 
 # run first in every subprocess: no access to this repository's code, and a check that none was used
 PRELUDE = textwrap.dedent("""
@@ -118,15 +117,6 @@ def run_isolated(code: str, args, cwd: Path, bundle: Path, pythonpath: str | Non
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    from scripts.data.phantoms import generate_demo_dataset
-
-    root = tmp_path_factory.mktemp("pkg_demo")
-    assert generate_demo_dataset(root, **DEMO)["generated"]
-    return root
-
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, demo_dir):

@@ -40,7 +40,6 @@ SCHEMA = str(CONFIGS / "schema" / "meta_schema.json")
 # expression lists that execute the workflow (never parsed by the "every ID instantiates" test)
 RUN_IDS = {"initialize", "run", "training", "evaluating", "inferring", "finalize"}
 
-DEMO = dict(n_train=8, n_test_healthy=3, n_test_diseased=3, size=64, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -121,16 +120,6 @@ def tiny_network(state_dict=None):
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    from scripts.data.phantoms import generate_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    summary = generate_demo_dataset(root, **DEMO)
-    assert summary["generated"]
-    return root
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_dir):
