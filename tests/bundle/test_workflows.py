@@ -658,3 +658,15 @@ def test_figure_anomaly_maps_compares_models(trained, demo_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no trained model"):
         fig.main(["--dataset_dir", str(demo_dir), "--config", TRAIN[0], "--config", TINY,
                   "--model", f"A={tmp_path / 'nothing'}", "--out", str(tmp_path / "x.png")])
+
+
+def test_same_seed_same_initial_weights(tmp_path, demo_dir):
+    """``initialize`` seeds before anything builds the network (the config checks instantiate it): two workflows
+    with the same seed start from the same weights, so a run is reproducible."""
+    states = []
+    for i in range(2):
+        wf = make_workflow(TRAIN, "train", bundle_root=str(tmp_path / str(i)), dataset_dir=str(demo_dir))
+        wf.initialize()
+        states.append({k: v.clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()})
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=f"initial weights differ in {k}")
