@@ -303,6 +303,13 @@ def _save_progress(cell_dir: Path, progress: dict) -> None:
     atomic_write_bytes(cell_dir / "progress.json", json.dumps(progress, indent=1).encode())
 
 
+def _cell_overrides(cell_dir: Path, dataset_dir, budget: Path | None, tracking_uri: str, experiment: str,
+                    extra: dict | None) -> dict:
+    """Workflow overrides every run of a cell shares: its folder, data, tracking store and budget name."""
+    return {"bundle_root": str(cell_dir), "dataset_dir": str(dataset_dir), "tracking_uri": tracking_uri,
+            "experiment_name": experiment, "hparams#budget": budget_name(budget), **(extra or {})}
+
+
 def run_cell(cell: Cell, dataset_dir, test_dir, budget: Path | None, out: Path, tracking_uri: str,
              experiment: str = EXPERIMENT, extra: dict | None = None) -> str:
     """Train (resuming from the cell's checkpoint) and evaluate one cell; returns the evaluation run id."""
@@ -311,8 +318,7 @@ def run_cell(cell: Cell, dataset_dir, test_dir, budget: Path | None, out: Path, 
     cell_dir = out / "cells" / cell.name
     cell_dir.mkdir(parents=True, exist_ok=True)
     files = cell.config_files(budget)
-    common = {"bundle_root": str(cell_dir), "dataset_dir": str(dataset_dir), "tracking_uri": tracking_uri,
-              "experiment_name": experiment, "hparams#budget": budget_name(budget), **(extra or {})}
+    common = _cell_overrides(cell_dir, dataset_dir, budget, tracking_uri, experiment, extra)
     progress = _progress(cell_dir)
     if not progress["trained"]:
         t0 = time.perf_counter()
@@ -357,8 +363,7 @@ def run_zero_shot(cell: Cell, dataset_dir, zero_shot_dir, budget: Path | None, o
     if not (cell_dir / "models" / "model.pt").is_file():
         raise FileNotFoundError(f"cell {cell.name}: no trained model at '{cell_dir / 'models' / 'model.pt'}'")
     wf = _workflow(cell.config_files(budget) + [str(CONFIGS / "evaluate.json")], "eval",
-                   {"bundle_root": str(cell_dir), "dataset_dir": str(dataset_dir), "tracking_uri": tracking_uri,
-                    "experiment_name": experiment, "hparams#budget": budget_name(budget), **(extra or {}),
+                   {**_cell_overrides(cell_dir, dataset_dir, budget, tracking_uri, experiment, extra),
                     "test_dir": str(zero_shot_dir), "eval_run_name": f"zeroshot_{cell.name}",
                     "eval_dir": str(cell_dir / "output" / "eval_zeroshot")})
     handler = next(h for h in wf.parser.get_parsed_content("handlers") if hasattr(h, "run_id"))

@@ -37,7 +37,6 @@ def latest_checkpoint(ckpt_dir, prefix: str = "train") -> Path | None:
     return files[0] if files else None
 
 
-_sha256 = file_sha256
 
 
 class RunState:
@@ -220,7 +219,7 @@ class SafeCheckpointSaver(CheckpointSaver):
         if rs.best_epoch != epoch or rs.best_sha256 is None:
             return
         path = Path(self.save_dir) / self._best_filename()
-        if path.is_file() and _sha256(path) == rs.best_sha256:
+        if path.is_file() and file_sha256(path) == rs.best_sha256:
             return
         logger.warning("'%s' does not hold the best weights (epoch %d): rewriting it from the checkpoint", path,
                        epoch)
@@ -233,7 +232,7 @@ class SafeCheckpointSaver(CheckpointSaver):
             handler(state[next(iter(state))] if len(state) == 1 else state, path.name)
         finally:
             handler.stage = stage
-        rs.best_sha256 = _sha256(path)
+        rs.best_sha256 = file_sha256(path)
 
     def metrics_completed(self, engine: Engine) -> None:
         ck, rs = self._key_metric_checkpoint, self.run_state
@@ -251,7 +250,7 @@ class SafeCheckpointSaver(CheckpointSaver):
         super().metrics_completed(engine)
         if rs is not None and [tuple(i) for i in ck._saved] != before:
             rs.best_metric, rs.best_epoch = self._sign * float(score), int(engine.state.epoch)
-            rs.best_sha256 = _sha256(handler.last_file)
+            rs.best_sha256 = file_sha256(handler.last_file)
             logger.info("new best key metric %.4g at epoch %d: %s '%s'", rs.best_metric, rs.best_epoch,
                         "staged" if handler.stage else "wrote", self._best_filename())
 

@@ -56,9 +56,10 @@ from monai.data import Dataset, list_data_collate
 from monai.engines import SupervisedEvaluator
 from monai.utils import convert_to_numpy
 
-from custom_transforms.io import IMAGE_SUFFIXES, CXRReadError, atomic_write_bytes, save_png, write_json
+from custom_transforms.io import IMAGE_SUFFIXES, atomic_write_bytes, save_png, write_json
 from custom_transforms.utils import as_2d
 from scripts.data.datasets import scan_folder
+from scripts.robust import failure_reason as describe_error
 from scripts.visualization import overlay
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ logger = logging.getLogger(__name__)
 STATUSES = ("ok", "flagged", "skipped")
 COLUMNS = ("file", "output", "score", "mask_fraction", "status", "reason")
 SKIPPED_KEY = "_skipped"  # batch key of the records of items whose preprocessing failed
-MAX_REASON = 500  # characters of an error message kept in a row
 QUIET_REASONS = ("hidden file", "hidden folder", "temporary file")  # rows, but logged at DEBUG only
 
 
@@ -233,27 +233,6 @@ class InferenceInputs:
 
 
 # ------------------------------------------------------------------------------------------------ fault isolation
-
-def describe_error(exc: BaseException) -> str:
-    """One line saying why preprocessing failed: the reader's reason, or the innermost error of the chain.
-
-    MONAI wraps a transform's error in ``RuntimeError("applying transform ...")``; that wrapper says nothing.
-    """
-    chain, e = [], exc
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    read = next((x for x in chain if isinstance(x, CXRReadError)), None)
-    if read is not None:
-        text = read.reason
-    else:
-        inner = chain[-1]
-        text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
-        if isinstance(inner, FileNotFoundError):
-            text = "file not found"
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
-
 
 class SkippingDataset(Dataset):
     """A MONAI ``Dataset`` whose items never raise: a failing item becomes a skipped record.

@@ -163,17 +163,27 @@ class ScreenedItems(list):
         self.outputs.clear()
 
 
+MAX_REASON = 500  # characters of an error message kept in a log line or a scores.csv row
+
+
 def failure_reason(exc: BaseException) -> str:
-    """A transform failure in words: the reader's reason (:class:`CXRReadError`) or the innermost cause (MONAI
-    wraps errors in ``RuntimeError: applying transform ...``)."""
+    """A transform failure in one line: the reader's reason (:class:`CXRReadError`) or the innermost error of the
+    chain (MONAI wraps errors in ``RuntimeError: applying transform ...``, which says nothing), at most
+    :data:`MAX_REASON` characters. Used by the training data check and by inference's skipped rows."""
     chain, e = [], exc
     while e is not None and all(e is not x for x in chain):
         chain.append(e)
-        e = e.__cause__
-    for e in chain:
-        if isinstance(e, CXRReadError):
-            return e.reason
-    return f"{type(chain[-1]).__name__}: {chain[-1]}"
+        e = e.__cause__ or e.__context__
+    read = next((x for x in chain if isinstance(x, CXRReadError)), None)
+    if read is not None:
+        text = read.reason
+    elif isinstance(chain[-1], FileNotFoundError):
+        text = "file not found"
+    else:
+        inner = chain[-1]
+        text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
 def _item_file(item, image_key: str) -> str:

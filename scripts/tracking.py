@@ -155,7 +155,6 @@ class BestMetricLogger:
         logger.info("best %s %.4g at epoch %d (MLflow run %s)", self.metric_name, value, epoch, run_id)
 
 
-_sha256 = file_sha256
 
 
 def train_run_id(checkpoint, ckpt_dir, prefix: str = "train") -> str | None:
@@ -174,7 +173,7 @@ def train_run_id(checkpoint, ckpt_dir, prefix: str = "train") -> str | None:
     run = (content or {}).get("run") or {}
     if not run.get("mlflow_run_id"):
         return None
-    if run.get("best_sha256") != _sha256(checkpoint):
+    if run.get("best_sha256") != file_sha256(checkpoint):
         logger.warning("'%s' is not the best model of the training checkpoint '%s': no train_run_id", checkpoint,
                        path)
         return None
