@@ -15,7 +15,8 @@ import math
 import numpy as np
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
-__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "check_flag", "like", "per_image", "range_pair", "source_name"]
+__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "check_flag", "cli_flag", "like", "per_image", "range_pair",
+           "source_name"]
 
 MIN_SIZE = 16  # smallest accepted image side (px) for segmentation and synthesis
 
@@ -106,6 +107,22 @@ class Choice:
             name = f"{self.what} ({self.key})" if self.what else self.key
             raise ValueError(f"{name} must be one of {self.allowed}, got {value!r}")
         return value
+
+
+def cli_flag(value, key: str) -> bool:
+    """A runtime switch as ``bool``: a bool, 0/1, or the text a command line gives (``--resume false``:
+    "true"/"false"/"1"/"0"/"yes"/"no", any case).
+
+    Raises:
+        ValueError: anything else; the message names ``key`` and the value.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"{key} must be true or false, got {value!r}")
 
 
 def check_flag(value, where: str) -> bool:

@@ -17,6 +17,7 @@ from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointSaver, MLFlowHandler
 
 from custom_transforms.io import file_sha256, save_png, write_json
+from custom_transforms.utils import cli_flag
 from scripts.engine import AnomalyInferer, prepare_restoration_batch
 from scripts.networks import unwrap
 from scripts.robust import (
@@ -99,10 +100,7 @@ class ResumableCheckpoint:
 
     def __init__(self, ckpt_dir, save_dict: dict, resume: bool = True, prefix: str = "train",
                  save_interval: int = 1, save: bool = True, run_state: RunState | None = None):
-        if isinstance(resume, str):  # command-line overrides arrive as text
-            if resume.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"resume must be true or false, got {resume!r}")
-            resume = resume.lower() in ("true", "1")
+        resume = cli_flag(resume, "resume")  # command-line overrides arrive as text
         self.ckpt_dir, self.save_dict, self.resume, self.prefix = ckpt_dir, dict(save_dict), resume, prefix
         self.save_interval, self.save = save_interval, save  # save=False: load only (DDP ranks > 0)
         self.run_state = run_state

@@ -57,7 +57,7 @@ from monai.engines import SupervisedEvaluator
 from monai.utils import convert_to_numpy
 
 from custom_transforms.io import IMAGE_SUFFIXES, atomic_write_bytes, save_png, write_json
-from custom_transforms.utils import as_2d
+from custom_transforms.utils import as_2d, cli_flag
 from scripts.data.datasets import scan_folder
 from scripts.robust import failure_reason as describe_error
 from scripts.visualization import overlay
@@ -72,17 +72,6 @@ QUIET_REASONS = ("hidden file", "hidden folder", "temporary file")  # rows, but 
 
 class NoReadableImageError(RuntimeError):
     """Inference found files but could read none of them (the rows in ``scores.csv`` say why)."""
-
-
-def as_bool(value, name: str) -> bool:
-    """A config flag as ``bool``: true/false, also the strings "true"/"false"/"1"/"0"/"yes"/"no" (command line)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def save_nifti(path, arr2d: np.ndarray) -> None:
@@ -208,7 +197,7 @@ class InferenceInputs:
 
     def __init__(self, dataset_dir, output_dir, recursive=False, overwrite=False, maps: str = "nifti"):
         self.dataset_dir, self.output_dir = str(dataset_dir), Path(output_dir)
-        self.recursive, self.overwrite = as_bool(recursive, "recursive"), as_bool(overwrite, "overwrite")
+        self.recursive, self.overwrite = cli_flag(recursive, "recursive"), cli_flag(overwrite, "overwrite")
         if maps not in ("nifti", "png"):
             raise ValueError(f"maps must be 'nifti' or 'png', got {maps!r}")
         self.images, others = scan_inputs(dataset_dir, self.recursive, exclude=self.output_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from custom_transforms.io import file_sha256
+from custom_transforms.utils import cli_flag
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +100,7 @@ def log_run(tracking_uri: str, experiment_name: str, run_name: str | None, param
 def progress_bar_on(flag=True, main_rank: bool = True) -> bool:
     """Whether to attach ignite's tqdm ``ProgressBar``: ``flag`` (a bool, or text from the command line) is on,
     this is the main rank, and ``tqdm`` is installed (without it the bar is skipped with a log line)."""
-    if isinstance(flag, str):
-        if flag.strip().lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"progress_bar must be true or false, got {flag!r}")
-        flag = flag.strip().lower() in ("true", "1")
-    if not (flag and main_rank):
+    if not (cli_flag(flag, "progress_bar") and main_rank):
         return False
     try:
         import tqdm  # noqa: F401
