@@ -81,3 +81,19 @@ def test_rand_pool_image_draws_reproducibly_from_the_pool():
     assert set(draws[0]) == {0.0, 1.0, 2.0, 3.0, 4.0}  # uniform over the pool: every image drawn in 20 tries
     out = RandPoolImaged(pool)({"image": torch.zeros(1, 4, 4), "name": "a"})
     assert set(out) == {"image", "name", "unlabelled"}
+
+
+def test_source_pool_cache_reads_each_file_once():
+    calls = []
+
+    def loader(d):
+        calls.append(d["image"])
+        return {"image": torch.full((1, 4, 4), float(d["image"]))}
+
+    pool = SourcePool([{"image": i} for i in range(3)], loader=loader, cache=True)
+    assert [float(pool.load(i % 3)[0, 0, 0]) for i in range(9)] == [0.0, 1.0, 2.0] * 3
+    assert calls == [0, 1, 2]  # loaded once each
+    uncached = SourcePool([{"image": i} for i in range(3)], loader=loader)
+    calls.clear()
+    uncached.load(1), uncached.load(1)
+    assert calls == [1, 1]
