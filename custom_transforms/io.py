@@ -45,6 +45,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from custom_transforms.utils import as_2d
+
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -559,7 +561,9 @@ def read_dicom(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
     check_dynamic_range(path, _gray(np.asarray(arr), path), min_range,
                         bits=int(bits) if bits and np.asarray(arr).dtype.kind in "iu" else None)
     a = apply_modality_lut(arr, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+    if "VOILUTSequence" in ds:  # a LUT maps integer inputs: index it with the rounded Modality LUT output
+        a = apply_voi_lut(np.rint(a).astype(np.int64), ds)
+    elif "WindowCenter" in ds:
         a = apply_voi_lut(a, ds)
     a = _gray(np.asarray(a), path)
     a = _minmax(a, path)
@@ -796,8 +800,8 @@ class LoadCXRd(MapTransform):
         return d
 
     def _load(self, key, path, shape) -> dict:
-        if isinstance(path, (torch.Tensor, np.ndarray)):  # already loaded (e.g. cached): pass through
-            return {key: path}
+        if isinstance(path, (torch.Tensor, np.ndarray)):  # already in memory (cache, MONAI Deploy): conform
+            return {key: self._conform(key, path, shape)}
         is_mask = key in self.mask_keys
         if path is None:
             if is_mask and self.allow_missing_keys:
@@ -814,6 +818,22 @@ class LoadCXRd(MapTransform):
         if is_mask:
             out[f"has_{key}"] = 1
         return out
+
+
+    def _conform(self, key, arr, shape):
+        """An in-memory image: ``(H, W)`` or ``(1, H, W)``, values as read (:func:`read_cxr`'s [0, 1]); returned
+        as is when it already has ``shape``, else resized exactly as a file would be (area/linear, or nearest for
+        masks), so a MONAI Deploy operator that hands over the pixels of a file gets the same network input."""
+        spatial = tuple(int(s) for s in arr.shape[-2:])
+        if spatial == tuple(shape) and arr.ndim == 3 and arr.shape[0] == 1:
+            return arr
+        native = as_2d(arr, f"LoadCXRd in-memory '{key}'").astype(np.float32)
+        out = resize(native, shape, nearest=key in self.mask_keys)
+        meta = dict(getattr(arr, "meta", None) or {})
+        meta.setdefault("original_spatial_shape", spatial)
+        meta.setdefault("original_channel_dim", "no_channel")
+        meta["spatial_shape"] = tuple(out.shape)
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(out, np.float32))[None], meta=meta)
 
 
 def file_sha256(path) -> str:

@@ -1,0 +1,194 @@
+"""ART-ASyn chest X-ray anomaly detection as a MONAI Deploy application (docs/deploy.md).
+
+    python bundle/app -i <DICOM folder | image folder | image file> -o <output folder> -m <model.ts | bundle folder>
+
+DICOM input: the SDK's loader, a series selector with chest radiograph rules (CR/DX; lateral views, other body
+parts, instances without pixel data are logged and left out), one radiograph at a time through the SDK's
+``MonaiBundleInferenceOperator`` running the bundle's ``configs/inference.json``, then per radiograph a DICOM
+Segmentation, Secondary Capture and Structured Report referencing the source instance, plus JSON and PNG copies.
+PNG/JPEG input (a folder without DICOM, or one file): the same, without the DICOM objects.
+
+``-m``: a ``model.ts`` exported by ``python -m scripts.cli.pack_bundle`` or ``monai.bundle ckpt_export`` (its
+embedded ``inference.json`` and override files are used), or a bundle folder (``configs/inference.json``,
+``configs/metadata.json`` and ``models/model.ts`` or ``models/model.pt``). Environment: ``ART_ASYN_SCORE_THRESHOLD``
+sets the report's score threshold (default: ``score_threshold`` of the bundle config, ``null`` = score only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+from holoscan.conditions import BooleanCondition, CountCondition
+from monai.deploy.core import AppContext, Application, Image, IOType
+from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
+from monai.deploy.operators.monai_bundle_inference_operator import (
+    BundleConfigNames,
+    IOMapping,
+    MonaiBundleInferenceOperator,
+    get_bundle_config,
+)
+
+from custom_transforms.io import has_dicom_preamble
+from scripts.deploy.operators import (
+    OUTPUT_PORTS,
+    AnomalyResultWriterOperator,
+    ChestXrayImageOperator,
+    ChestXraySeriesSelectorOperator,
+)
+from scripts.inference import scan_inputs
+
+logger = logging.getLogger("art_asyn.deploy")
+THRESHOLD_ENV = "ART_ASYN_SCORE_THRESHOLD"
+
+
+class DeployInputError(ValueError):
+    """The model or input given to the application cannot be used; the message says why."""
+
+
+def bundle_config_names(model_path: Path) -> list[str]:
+    """The bundle configs to parse: ``inference`` plus, for a ``.ts``, the override files embedded with it (by name:
+    the archive keeps no order, so overlapping overrides should be exported as one file).
+
+    Raises:
+        DeployInputError: ``model_path`` is neither a TorchScript file with an embedded ``inference`` config nor a
+            bundle folder with ``configs/inference.json``.
+    """
+    if model_path.is_dir():
+        if not (model_path / "configs" / "inference.json").is_file():
+            raise DeployInputError(f"bundle folder '{model_path}' has no configs/inference.json")
+        return ["inference"]
+    try:
+        with zipfile.ZipFile(model_path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        names, why = [], str(e)
+    else:
+        why = "a zip without TorchScript code: a state dict?"
+    if not any("/code/" in n for n in names):
+        raise DeployInputError(f"model '{model_path}' is not a TorchScript file ({why}); give the model.ts made by "
+                               "pack_bundle or ckpt_export, or a bundle folder")
+    extra = [Path(n).stem for n in names if "/extra/" in n and n.endswith((".json", ".yaml", ".yml"))]
+    if "inference" not in extra:
+        raise DeployInputError(f"model '{model_path}' has no embedded inference config (found {sorted(extra)}); "
+                               "export it with --config_file configs/inference.json (pack_bundle does)")
+    return ["inference"] + sorted(n for n in extra if n not in ("inference", "metadata"))
+
+
+def report_settings(model_path: Path, config_names: list[str]) -> dict:
+    """Score threshold, mask rule text and bundle version from the bundle config (and ``ART_ASYN_SCORE_THRESHOLD``).
+
+    Raises:
+        DeployInputError: the threshold (config ``score_threshold`` or the environment) is not a finite number.
+    """
+    parser = get_bundle_config(str(model_path), config_names)
+    raw = os.environ.get(THRESHOLD_ENV, "").strip() or parser.get("score_threshold")
+    try:
+        threshold = None if raw in (None, "") else float(raw)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if threshold is not None and not math.isfinite(threshold):
+        raise DeployInputError(f"score threshold {raw!r} (config key score_threshold or ${THRESHOLD_ENV}) "
+                               "must be a finite number")
+    hp = parser.get("hparams") or {}
+    fixed = parser.get("mask_threshold")
+    rule = (f"fixed: A >= {fixed}" if fixed is not None else
+            f"per image: A >= max({hp.get('mask_floor', 0.03)}, {hp.get('mask_rel', 0.2)} * max A)")
+    return {"score_threshold": threshold, "mask_rule": f"A = |I - I_hat| at {hp.get('image_size', '?')} px; {rule}",
+            "software_version": str(parser.get("_meta_#version") or "")}
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` (recursively) that carry the DICOM preamble."""
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and has_dicom_preamble(p)]
+
+
+class ARTASynCXRApp(Application):
+    """DICOM or PNG/JPEG chest X-rays in; DICOM SEG/SC/SR and JSON/PNG anomaly results out (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        self.counts: Counter = Counter()
+        super().__init__(*args, **kwargs)
+
+    def compose(self):
+        ctx: AppContext = Application.init_app_context(self.argv)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module otherwise
+        model_path, in_path, out_path = (Path(p).resolve() for p in (ctx.model_path, ctx.input_path, ctx.output_path))
+        self.output_path = out_path
+        names = bundle_config_names(model_path)
+        settings = report_settings(model_path, names)
+        if model_path.is_dir():
+            ctx.models = None  # the operator then loads models/model.ts (or model.pt) of the folder itself
+        out_path.mkdir(parents=True, exist_ok=True)
+
+        more = BooleanCondition(self, enable_tick=True, name="more_radiographs")
+        dicom = [] if in_path.is_file() else dicom_files(in_path)
+        if dicom:
+            loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=in_path, must_load=False,
+                                             name="dicom_loader")
+            selector = ChestXraySeriesSelectorOperator(self, name="series_selector")
+            images = ChestXrayImageOperator(self, more, counts=self.counts, name="chest_xray_images")
+            self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+            self.add_flow(selector, images, {("study_selected_series_list", "study_selected_series_list")})
+            logger.info("input: %d DICOM files in %s", len(dicom), in_path)
+        else:
+            files, ignored = scan_inputs(in_path)
+            for path, why in ignored:
+                logger.warning("%s: ignored: %s", path, why)
+            images = ChestXrayImageOperator(self, more, files=files, counts=self.counts, name="chest_xray_images")
+            logger.info("input: %d image files in %s", len(files), in_path)
+        infer = MonaiBundleInferenceOperator(
+            self, app_context=ctx, bundle_path=model_path, name="bundle_inference",
+            bundle_config_names=BundleConfigNames(config_names=names),
+            input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
+            output_mapping=[IOMapping(p, Image if p == "pred_mask" else object, IOType.IN_MEMORY)
+                            for p in OUTPUT_PORTS])
+        writer = AnomalyResultWriterOperator(self, output_folder=out_path, counts=self.counts, name="results_writer",
+                                             **settings)
+        self.add_flow(images, infer, {("image", "image")})
+        self.add_flow(images, writer, {("source", "source")})
+        self.add_flow(infer, writer, {(p, p) for p in OUTPUT_PORTS})
+
+    def summary(self) -> str:
+        c = self.counts
+        return (f"deploy: {c['inputs']} radiographs: {c['written']} written, {c['skipped']} skipped, "
+                f"{c['failed']} failed -> {getattr(self, 'output_path', '?')}")
+
+
+def check_paths(argv: list[str]) -> None:
+    """Check the model and input paths of the command line before Holoscan starts.
+
+    Raises:
+        DeployInputError: a path does not exist, or the model is not usable (:func:`bundle_config_names`,
+            :func:`report_settings`).
+    """
+    from monai.deploy.core import RuntimeEnv, parse_args
+
+    args, env = parse_args(argv), RuntimeEnv()
+    model, inp = Path(args.model or env.model), Path(args.input or env.input)
+    for what, p in (("model", model), ("input", inp)):
+        if not p.exists():
+            raise DeployInputError(f"{what} path '{p}' does not exist")
+    report_settings(model, bundle_config_names(model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the application (``argv``: the arguments after the program, default ``sys.argv[1:]``).
+
+    Exit status 1 when inputs were found but nothing was written, 2 when the model or input cannot be used.
+    """
+    full = [sys.argv[0], *argv] if argv is not None else list(sys.argv)
+    try:
+        check_paths(full)
+    except DeployInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = ARTASynCXRApp(full) if argv is not None else ARTASynCXRApp()
+    app.run()
+    print(app.summary(), flush=True)
+    return 1 if app.counts["inputs"] and not app.counts["written"] else 0
