@@ -28,6 +28,7 @@ from scripts.robust import (
     load_newest_checkpoint,
     remove_stale_temp_files,
 )
+from scripts.tracking import RECORD_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +171,14 @@ class SafeCheckpointSaver(CheckpointSaver):
       :class:`ResumableCheckpoint` saves the training state, a new best ``model.pt`` is staged and put in
       place right after that checkpoint; if the run was killed in between, the resumed run rewrites
       ``model.pt`` from the checkpoint's weights (those of the best epoch).
+    - With ``record`` (:func:`scripts.tracking.model_record`), the record of what the model needs is written
+      (atomically, as ``<save_dir>/<record_name>``) just before each best model is put in place.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, run_state: RunState | None = None, **kwargs):
+    def __init__(self, save_dir: str, save_dict: dict, run_state: RunState | None = None, record: dict | None = None,
+                 record_name: str = RECORD_NAME, **kwargs):
         super().__init__(save_dir, save_dict, **kwargs)
+        self.record, self.record_name = record, record_name
         self.run_state, self._sign = run_state, -1.0 if kwargs.get("key_metric_negative_sign") else 1.0
         self._key_name = kwargs.get("key_metric_name") or "key metric"
         if run_state is not None and kwargs.get("save_key_metric") and not kwargs.get("key_metric_filename"):
@@ -191,6 +196,10 @@ class SafeCheckpointSaver(CheckpointSaver):
 
     def _best_filename(self) -> str:
         return self._best_handler.filename or "the key-metric checkpoint"
+
+    def _write_record(self) -> None:
+        if self.record is not None:
+            write_json(Path(self.save_dir) / self.record_name, self.record)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -225,6 +234,7 @@ class SafeCheckpointSaver(CheckpointSaver):
         state = {k: unwrap(v).state_dict() if isinstance(v, torch.nn.Module) else v.state_dict()
                  for k, v in self.save_dict.items()}
         handler = self._best_handler
+        self._write_record()
         stage, handler.stage = handler.stage, False
         try:
             handler(state[next(iter(state))] if len(state) == 1 else state, path.name)
@@ -245,6 +255,8 @@ class SafeCheckpointSaver(CheckpointSaver):
         before = [tuple(i) for i in ck._saved]
         if ck._check_lt_n_saved() or ck._compare_fn(score):  # about to save: the weights must be finite
             check_finite_weights(self.save_dict, str(Path(self.save_dir) / self._best_filename()))
+            if not handler.stage:
+                self._write_record()
         super().metrics_completed(engine)
         if rs is not None and [tuple(i) for i in ck._saved] != before:
             rs.best_metric, rs.best_epoch = self._sign * float(score), int(engine.state.epoch)
@@ -255,6 +267,8 @@ class SafeCheckpointSaver(CheckpointSaver):
     def commit(self) -> None:
         """Put the staged best model in place (see :meth:`RunState.commit_best`)."""
         if self._key_metric_checkpoint is not None:
+            if self._best_handler.staged:
+                self._write_record()
             self._best_handler.commit()
 
 

@@ -264,15 +264,16 @@ class MLflowModelLogger:
     completes, log ``model_file`` as an MLflow model to the training's run (``run_state.mlflow_run_id``), and
     register it as ``register_model_name`` when given.
 
-    The model's configs are ``config_files`` (default ``configs/inference.json`` of the bundle's code) and a file
-    ``<output_dir>/mlflow_model_hparams.json`` written here with the training's ``hparams`` (``+hparams``), so
-    the model is built with the trained sizes. Attach after the MLflow handler that closes the run.
+    The model's configs are ``config_files`` (default ``configs/inference.json`` of the bundle's code) and
+    ``<output_dir>/mlflow_model_config.json``, written here with ``record`` (:func:`scripts.tracking.model_record`:
+    the trained network sizes, model family and intensity transforms), so the model is built as trained. Attach
+    after the MLflow handler that closes the run.
     """
 
-    def __init__(self, tracking_uri: str, run_state, model_file, hparams: dict, output_dir,
+    def __init__(self, tracking_uri: str, run_state, model_file, record: dict, output_dir,
                  config_files=None, register_model_name: str | None = None):
         self.tracking_uri, self.run_state, self.model_file = tracking_uri, run_state, model_file
-        self.hparams, self.output_dir = dict(hparams), Path(output_dir)
+        self.record, self.output_dir = dict(record), Path(output_dir)
         self.config_files = [CODE_ROOT / "configs" / "inference.json"] if config_files is None else (
             [config_files] if isinstance(config_files, (str, Path)) else list(config_files))
         self.register_model_name = register_model_name or None
@@ -290,8 +291,8 @@ class MLflowModelLogger:
         if not run_id:
             logger.warning("no MLflow training run to log the model to")
             return None
-        overrides = self.output_dir / "mlflow_model_hparams.json"
-        write_json(overrides, {"+hparams": self.hparams})
+        overrides = self.output_dir / "mlflow_model_config.json"
+        write_json(overrides, self.record)
         self.model_info = log_model(run_id, self.output_dir, [*self.config_files, overrides],
                                     register_model_name=self.register_model_name, tracking_uri=self.tracking_uri,
                                     model_file=self.model_file)

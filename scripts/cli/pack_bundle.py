@@ -3,10 +3,13 @@
 Usage::
 
     python -m scripts.cli.pack_bundle --bundle_root <dir with models/model.pt> --out dist/art_asyn_bundle.zip \\
-        [--config_file <override files the model was trained with, in order> ...]
+        [--config_file <override files for what models/model_config.json lacks> ...]
 
-The zip holds ``art_asyn_bundle/``: ``configs/`` (all of them, plus given overrides from elsewhere),
-``models/model.pt``, ``models/model.ts`` (``ckpt_export`` with the configs embedded, checked against model.pt),
+The model's configs are ``configs/inference.json``, the record training wrote beside ``model.pt``
+(``models/model_config.json``: network sizes, intensity transforms, model family) and the given files, merged in
+that order. The zip holds ``art_asyn_bundle/``: ``configs/`` (all of them, plus the record and given overrides from
+elsewhere), ``models/model.pt``, ``models/model_config.json``, ``models/model.ts`` (``ckpt_export`` with the configs
+embedded, checked against model.pt),
 ``docs/`` (+ ``package.md``: how to run this model), ``LICENSE``, ``large_files.yml`` (with the models' hashes)
 and the ``custom_transforms`` and ``scripts`` sources. Run it from the unzipped folder, or from elsewhere with the
 folder on ``PYTHONPATH`` (``bundle/README.md``).
@@ -26,6 +29,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from scripts.cli import export
+
 BUNDLE_NAME = "art_asyn_bundle"
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the bundle root this module belongs to
 PACKAGES = ("custom_transforms", "scripts")  # the code the configs import
@@ -34,7 +39,7 @@ SKIP_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints"
 SKIP_SUFFIXES = {".pyc", ".pyo"}
 
 
-class PackError(Exception):
+class PackError(export.ExportError):
     """A problem with the inputs, reported as one line by the command line."""
 
 
@@ -126,55 +131,11 @@ def place_overrides(config_files: list[Path], source: Path, configs: Path) -> li
 
 
 def export_torchscript(root: Path, overrides: list[str], key_in_ckpt: str | None, atol: float) -> dict:
-    """``ckpt_export`` of ``network_def`` into ``models/model.ts``; checked against ``model.pt``."""
-    import torch
-    from monai.bundle import ConfigParser, ckpt_export
-
-    configs = [str(root / "configs" / "inference.json"), *(str(root / c) for c in overrides)]
-    meta = str(root / "configs" / "metadata.json")
-    ckpt, ts_path = root / "models" / "model.pt", root / "models" / "model.ts"
-
-    # the reference first, strictly (ckpt_export's copy_model_state skips weights that do not fit)
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.read_meta(meta)
-    net = parser.get_parsed_content("network_def")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PackError(f"model.pt is not a readable weights file: {type(e).__name__}: {e}") from e
-    if key_in_ckpt:
-        if not isinstance(state, dict) or key_in_ckpt not in state:
-            raise PackError(f"model.pt has no key {key_in_ckpt!r}")
-        state = state[key_in_ckpt]
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise PackError("model.pt does not fit the network of configs/inference.json + the given --config_file "
-                        f"files: pass the override files the model was trained with ({detail} ...)") from e
-    net.eval()
-
-    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(ckpt), meta_file=meta,
-                config_file=configs, key_in_ckpt=key_in_ckpt or "")
-    extra = {"metadata.json": "", **{Path(c).stem + ".json": "" for c in configs}}
-    ts = torch.jit.load(str(ts_path), map_location="cpu", _extra_files=extra)
-    empty = [k for k, v in extra.items() if not v]
-    if empty:
-        raise PackError(f"model.ts lacks the embedded files {empty}")
-    fmt = parser.get("_meta_#network_data_format#inputs#image")
-    size = int(parser.get_parsed_content("hparams#image_size", default=fmt["spatial_shape"][0]))
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(1, fmt["num_channels"], size, size, generator=g)
-    with torch.no_grad():
-        y_ts, y_pt = ts(x), net(x)
-    try:
-        torch.testing.assert_close(y_ts, y_pt, rtol=0, atol=atol)
-    except AssertionError as e:
-        raise PackError(f"model.ts differs from model.pt's network on a random input: {e}") from e
-    flat = lambda y: [t for t in (y if isinstance(y, (tuple, list)) else [y]) if isinstance(t, torch.Tensor)]
-    diff = max(((a - b).abs().max().item() for a, b in zip(flat(y_ts), flat(y_pt))), default=0.0)
-    return {"input_shape": list(x.shape), "max_abs_diff": diff, "embedded": sorted(extra)}
+    """``ckpt_export`` of ``network_def`` into ``models/model.ts`` (:func:`scripts.cli.export.export_torchscript`:
+    weights loaded strictly, ``model.ts`` checked against them)."""
+    configs = [root / "configs" / "inference.json", *(root / c for c in overrides)]
+    return export.export_torchscript(root / "models" / "model.pt", root / "models" / "model.ts", configs,
+                                     root / "configs" / "metadata.json", key_in_ckpt, atol, source=root)
 
 
 def fill_large_files(path: Path, hashes: dict[str, str]) -> None:
@@ -225,7 +186,7 @@ def write_package_doc(root: Path, overrides: list[str], check: dict, hashes: dic
 Bundle `{BUNDLE_NAME}` version {meta.get("version")}, packed {time.strftime("%Y-%m-%d %H:%M:%S")} by
 `python -m scripts.cli.pack_bundle`.
 
-The model must be used with these config files (the overrides it was trained with):
+The model must be used with these config files (`model_config.json`: what it was trained with):
 
     --config_file "[{files}]"
 
@@ -281,7 +242,8 @@ def pack_bundle(bundle_root, out, config_file=(), source=SOURCE_ROOT, key_in_ckp
                 atol: float = 1e-5) -> dict:
     """Pack ``bundle_root/models/model.pt`` with the bundle at ``source`` into ``out``; returns a summary."""
     bundle_root, out, source = Path(bundle_root), Path(out), Path(source)
-    config_files = [Path(c) for c in config_file]
+    record = bundle_root / "models" / export.RECORD_NAME
+    config_files = [*([record] if record.is_file() else []), *(Path(c) for c in config_file)]
     ckpt = check_inputs(bundle_root, config_files, source)
     if out.suffix != ".zip":
         raise PackError(f"--out {out} must end with .zip")
@@ -291,6 +253,8 @@ def pack_bundle(bundle_root, out, config_file=(), source=SOURCE_ROOT, key_in_ckp
         overrides = place_overrides(config_files, source, root / "configs")
         (root / "models").mkdir()
         shutil.copy2(ckpt, root / "models" / "model.pt")
+        if record.is_file():
+            shutil.copy2(record, root / "models" / export.RECORD_NAME)
         check = export_torchscript(root, overrides, key_in_ckpt, atol)
         copy_tree(source / "docs", root / "docs")
         for name in TOP_FILES:
@@ -331,14 +295,15 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle_root", default=".", help="folder with models/model.pt (the training bundle_root)")
     ap.add_argument("--out", default=f"dist/{BUNDLE_NAME}.zip", help="zip to write (default: %(default)s)")
     ap.add_argument("--config_file", nargs="+", action="extend", default=[], metavar="FILE",
-                    help="override files the model was trained with, in order (merged over inference.json)")
+                    help="override files merged after inference.json and models/model_config.json (for a model "
+                         "without that record, the override files it was trained with, in order)")
     ap.add_argument("--key_in_ckpt", default=None, help="key of the weights in a nested model.pt")
     ap.add_argument("--atol", type=float, default=1e-5, help="tolerance of the TorchScript check")
     args = ap.parse_args(argv)
     try:
         summary = pack_bundle(args.bundle_root, args.out, args.config_file, key_in_ckpt=args.key_in_ckpt,
                               atol=args.atol)
-    except PackError as e:
+    except export.ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(summary)

@@ -134,7 +134,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_last_complete_one(tmp_
 
     res = _resume(root, demo_dir, 3)
     assert res.seen["epochs"] == [2, 3], "resumed after epoch 1: only the interrupted epoch is redone"
-    assert _files(models) == ["model.pt", "train_checkpoint_epoch=3.pt"]  # partial files removed, none taken
+    # partial files removed, none taken; the record of what model.pt needs beside it
+    assert _files(models) == ["model.pt", "model_config.json", "train_checkpoint_epoch=3.pt"]
     final = _load(models / "train_checkpoint_epoch=3.pt")
     assert final["trainer"]["iteration"] == 9
     net = tiny_network(_load(models / "model.pt"))  # loads strictly
@@ -158,7 +159,7 @@ def test_resume_skips_an_empty_newest_checkpoint(tmp_path, trained2, demo_dir, c
         res = _resume(root, demo_dir, 3)
     assert res.seen["epochs"] == [3], "resumed from the complete epoch-2 checkpoint"
     assert any("train_checkpoint_epoch=3.pt' (0 bytes) cannot be loaded" in r.getMessage() for r in caplog.records)
-    assert _files(root / "models") == ["model.pt", "train_checkpoint_epoch=3.pt",
+    assert _files(root / "models") == ["model.pt", "model_config.json", "train_checkpoint_epoch=3.pt",
                                        "train_checkpoint_epoch=3.pt.unreadable"]
     assert _load(root / "models" / "train_checkpoint_epoch=3.pt")["trainer"]["iteration"] == 9
 
@@ -191,8 +192,11 @@ def test_resume_repairs_model_pt_killed_before_the_best_model_was_in_place(tmp_p
     stale = {k: torch.zeros_like(v) for k, v in ckpt["model"].items()}
     torch.save(stale, root / "models" / "model.pt")
 
+    (root / "models" / "model_config.json").unlink()  # lost with the old model.pt: written again with the repair
     _resume(root, demo_dir, 2)  # nothing left to train: only the resume logic runs
     assert _same_weights(_load(root / "models" / "model.pt"), ckpt["model"])
+    record = json.loads((root / "models" / "model_config.json").read_text())
+    assert record["+hparams"]["network_channels"] == [8, 16, 32]
 
 
 def test_interrupted_run_is_marked_and_continued_on_resume(tmp_path, demo_dir):
@@ -246,6 +250,7 @@ def test_nan_loss_stops_training_writes_nothing_and_fails_the_run(tmp_path, demo
     assert_error(ei, RuntimeError, "lower hparams#learning_rate")
     models = tmp_path / "models"
     assert not models.exists() or not any(models.glob("*.pt")), "weights written by a diverged run"
+    assert not (models / "model_config.json").exists(), "a record without its model"
     uri = wf.parser.get_parsed_content("tracking_uri")
     runs = search_runs(uri, "art-asyn")
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FAILED"

@@ -1,10 +1,11 @@
 """The packed bundle zip (``python -m scripts.cli.pack_bundle``) works on its own, outside this repository.
 
 A tiny bundle is trained once (``configs/train.json`` + ``tests/configs/tiny.json`` on a few demo phantoms),
-packed with the tiny override, fetched with ``monai.bundle.download`` from a ``file://`` URL into a temporary
-folder outside the repository, and used from subprocesses that cannot import this repository's code: the
-venv's editable install of the project is taken out of ``sys.meta_path`` and ``PYTHONPATH`` does not name the
-repository, and every loaded ``scripts``/``custom_transforms`` module is checked to come from the bundle.
+packed with the record training wrote (``models/model_config.json``, no ``--config_file``), fetched with
+``monai.bundle.download`` from a ``file://`` URL into a temporary folder outside the repository, and used from
+subprocesses that cannot import this repository's code: the venv's editable install of the project is taken out
+of ``sys.meta_path`` and ``PYTHONPATH`` does not name the repository, and every loaded
+``scripts``/``custom_transforms`` module is checked to come from the bundle.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def run_isolated(code: str, args, cwd: Path, bundle: Path, pythonpath: str | Non
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, demo_dir):
-    """The tiny bundle trained for one epoch (in ``root``) and packed with its override into ``zip``."""
+    """The tiny bundle trained for one epoch (in ``root``), packed with its record (no --config_file) into ``zip``."""
     from monai.bundle import ConfigWorkflow
 
     from scripts.cli.pack_bundle import main
@@ -137,7 +138,7 @@ def packed(tmp_path_factory, demo_dir):
     out = tmp_path_factory.mktemp("pkg_dist") / f"{NAME}.zip"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["--bundle_root", str(root), "--out", str(out), "--config_file", str(TINY)])
+        rc = main(["--bundle_root", str(root), "--out", str(out)])
     assert rc == 0 and out.is_file()
     return SimpleNamespace(zip=out, stdout=stdout.getvalue(), root=root)
 
@@ -167,7 +168,8 @@ def test_zip_layout_and_summary(packed):
         rel = {n[len(NAME) + 1:] for n in names}
         hashes = {p: hashlib.sha256(z.read(f"{NAME}/{p}")).hexdigest() for p in ("models/model.pt", "models/model.ts")}
         large = yaml.safe_load(z.read(f"{NAME}/large_files.yml"))
-    expected = {"LICENSE", "large_files.yml", "models/model.pt", "models/model.ts", "configs/tiny.json",
+    expected = {"LICENSE", "large_files.yml", "models/model.pt", "models/model.ts", "configs/model_config.json",
+                "models/model_config.json",
                 "docs/README.md", "docs/package.md", "configs/schema/meta_schema.json"}
     expected |= {p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*") if p.is_file()}
     for pkg in ("custom_transforms", "scripts"):  # every source file, nothing compiled
@@ -176,13 +178,14 @@ def test_zip_layout_and_summary(packed):
     assert not [n for n in rel if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
     assert not [n for n in rel if n.split("/")[0] in ("tests", "output", "demo_data", ".venv")]
     assert {e["path"]: e["hash_val"] for e in large["large_files"]} == hashes
-    assert f"wrote {out}" in stdout and "model.ts == model.pt" in stdout and "configs/tiny.json" in stdout
+    assert f"wrote {out}" in stdout and "model.ts == model.pt" in stdout and "configs/model_config.json" in stdout
+    assert "configs/tiny.json" not in rel, "the record, not the training's override file, goes with the model"
 
 
 def test_inference_from_another_folder(unzipped, demo_dir):
     """(a) the documented CLI from outside the bundle: PYTHONPATH=<bundle>, --bundle_root <bundle>."""
     png = sorted((demo_dir / "test" / "diseased").glob("*.png"))[0]
-    configs = [str(unzipped / "configs" / "inference.json"), str(unzipped / "configs" / "tiny.json")]
+    configs = [str(unzipped / "configs" / "inference.json"), str(unzipped / "configs" / "model_config.json")]
     run_isolated(CLI_DRIVER, ["run", "inferring", "--config_file", repr(configs), "--bundle_root", unzipped,
                               "--dataset_dir", png], cwd=unzipped.parent, bundle=unzipped,
                  pythonpath=str(unzipped))
@@ -195,7 +198,7 @@ def test_inference_from_another_folder(unzipped, demo_dir):
 
 def test_model_zoo_checks_in_the_bundle(unzipped):
     """(b) verify_metadata (offline), verify_net_in_out, model.ts (embedded configs) == model.pt's network."""
-    proc = run_isolated(CHECKS_DRIVER, ["configs/inference.json", "configs/tiny.json"], cwd=unzipped,
+    proc = run_isolated(CHECKS_DRIVER, ["configs/inference.json", "configs/model_config.json"], cwd=unzipped,
                         bundle=unzipped)
     assert "CHECKS_OK" in proc.stdout
 
@@ -226,11 +229,21 @@ def test_clear_errors(tmp_path, capsys, packed):
     missing = tmp_path / "overrides_it_was_trained_with.json"
     assert main(["--bundle_root", str(packed.root), "--out", str(out), "--config_file", str(missing)]) == 2
     assert f"config file {missing} does not exist" in capsys.readouterr().err
-    # the tiny model without its override: the default network does not fit (ckpt_export alone would not say)
-    assert main(["--bundle_root", str(packed.root), "--out", str(out)]) == 2
-    assert "pass the override files the model was trained with" in capsys.readouterr().err
+    # the tiny model without its record nor its override: the default network does not fit, one line says so
+    bare = tmp_path / "bare"
+    (bare / "models").mkdir(parents=True)
+    (bare / "models" / "model.pt").write_bytes((packed.root / "models" / "model.pt").read_bytes())
+    assert main(["--bundle_root", str(bare), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: model.pt does not fit the network of configs/inference.json")
+    assert "no models/model_config.json" in err and "no override file of configs/ gives that network" in err
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"not a checkpoint")
     assert main(["--bundle_root", str(tmp_path), "--out", str(out)]) == 2
     assert "model.pt is not a readable weights file" in capsys.readouterr().err
     assert not out.parent.exists(), "nothing is written when packing fails"
+    # a model without a record packs with the override files it was trained with
+    assert main(["--bundle_root", str(bare), "--out", str(out), "--config_file", str(TINY)]) == 0
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+    assert f"{NAME}/configs/tiny.json" in names and f"{NAME}/configs/model_config.json" not in names
