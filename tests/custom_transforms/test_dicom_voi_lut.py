@@ -17,7 +17,7 @@ def test_plain_file_reads_back(tmp_path, photometric):
 
 
 def test_voi_lut_sequence_is_applied(tmp_path):
-    """The Modality LUT output is float; the VOI LUT must still index it (indexing it with floats gave max error 0.9)."""
+    """The Modality LUT output is float; the VOI LUT must still index it (float indices gave max error 0.9)."""
     write_cxr_dicom(tmp_path / "a.dcm", RAMP, study_uid=generate_uid(), voi_lut=True)
     np.testing.assert_allclose(read_cxr(tmp_path / "a.dcm"), RAMP ** VOI_GAMMA, atol=1e-3)
 
