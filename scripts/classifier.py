@@ -401,12 +401,18 @@ class DensityFitHandler:
     it is written back in the format it was read, other entries kept. Without a checkpoint file the density
     is fitted on the in-memory weights and the bare ``state_dict`` is written. The in-memory network keeps
     the best weights and the fitted density. Enable it on one rank only under DDP.
+
+    With ``run_state`` (``train#run_state``), the rewritten file's checksum becomes the run's ``best_sha256``, in
+    memory and in the newest training checkpoint of ``ckpt_dir`` (prefix ``train``): evaluations then still find
+    their training run (:func:`scripts.tracking.train_run_id`), and a resumed run does not "repair" ``model.pt``
+    back to weights without the density.
     """
 
     def __init__(self, network: torch.nn.Module, loader, checkpoint_path, device=None, key: str = "image",
-                 enabled: bool = True):
+                 enabled: bool = True, run_state=None, ckpt_dir=None):
         self.network, self.loader, self.path = network, loader, Path(checkpoint_path)
         self.device, self.key, self.enabled = device, key, enabled
+        self.run_state, self.ckpt_dir = run_state, ckpt_dir
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
@@ -437,3 +443,21 @@ class DensityFitHandler:
             state = checkpoint
         save_atomic(state, self.path)
         logger.info("density fit: wrote weights + density to '%s'", self.path)
+        if self.run_state is not None:
+            self._record_checksum()
+
+    def _record_checksum(self) -> None:
+        from custom_transforms.io import file_sha256
+        from scripts.robust import load_newest_checkpoint
+
+        sha = file_sha256(self.path)
+        self.run_state.best_sha256 = sha
+        if self.ckpt_dir is None:
+            return
+        path, content = load_newest_checkpoint(self.ckpt_dir, "train", set_aside=False)
+        if path is None or not isinstance(content.get("run"), dict):
+            logger.warning("density fit: no training checkpoint with a run record in '%s' to update", self.ckpt_dir)
+            return
+        content["run"]["best_sha256"] = sha
+        save_atomic(content, path)
+        logger.info("density fit: recorded the new model checksum in '%s'", path.name)

@@ -108,6 +108,11 @@ def test_evaluation_reports_auroc_ap_dice(trained, tmp_path):
     assert not res.missing, res.missing
     m = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert m["n_images"] == 6 and m["n_with_mask"] == 3
+    # the evaluation names its training run, also after the classifier's density fit rewrote model.pt
+    ckpt = torch.load(trained.root / "models" / "train_checkpoint_epoch=1.pt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["run"]["mlflow_run_id"]
+    assert res.wf.parser.get_parsed_content("train_run_id") == ckpt["run"]["mlflow_run_id"]
     for k in ("auroc", "ap", "dice_micro", "dice_mean"):
         assert 0.0 <= m[k] <= 1.0, (k, m[k])
 
