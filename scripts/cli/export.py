@@ -25,7 +25,7 @@ from scripts.tracking import RECORD_NAME
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the bundle root this module belongs to
 
-__all__ = ["ExportError", "export", "export_torchscript", "config_list", "main"]
+__all__ = ["ExportError", "export", "export_torchscript", "config_list", "main", "run_or_explain"]
 
 
 class ExportError(Exception):
@@ -287,13 +287,19 @@ def main(argv=None) -> int:
     ap.add_argument("--key_in_ckpt", default=None, help="key of the weights in a nested checkpoint")
     ap.add_argument("--atol", type=float, default=1e-5, help="tolerance of the TorchScript check")
     args = ap.parse_args(argv)
+    return run_or_explain(lambda: export(args.bundle_root, args.filepath, args.ckpt_file, args.config_file,
+                                         args.key_in_ckpt, args.atol), print_summary)
+
+
+def run_or_explain(make_summary, show) -> int:
+    """The command lines' shape: ``show(make_summary())`` and exit code 0; an :class:`ExportError` is one
+    ``error: ...`` line on stderr and exit code 2."""
     try:
-        summary = export(args.bundle_root, args.filepath, args.ckpt_file, args.config_file, args.key_in_ckpt,
-                         args.atol)
+        summary = make_summary()
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(summary)
+    show(summary)
     return 0
 
 

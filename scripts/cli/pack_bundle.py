@@ -300,14 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--key_in_ckpt", default=None, help="key of the weights in a nested model.pt")
     ap.add_argument("--atol", type=float, default=1e-5, help="tolerance of the TorchScript check")
     args = ap.parse_args(argv)
-    try:
-        summary = pack_bundle(args.bundle_root, args.out, args.config_file, key_in_ckpt=args.key_in_ckpt,
-                              atol=args.atol)
-    except export.ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    return export.run_or_explain(lambda: pack_bundle(args.bundle_root, args.out, args.config_file,
+                                                     key_in_ckpt=args.key_in_ckpt, atol=args.atol), print_summary)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("monai.deploy", reason="the MONAI Deploy SDK is not installed (pip install -e '.[deploy]')")
 pytest.importorskip("highdicom", reason="highdicom is not installed (pip install -e '.[deploy]')")
 
-from tests.helpers import REPO  # noqa: E402
+from tests.helpers import REPO, random_model  # noqa: E402
 
 pytestmark = pytest.mark.deploy
 
@@ -54,20 +54,7 @@ def _phantom(seed: int, size: int = 96) -> np.ndarray:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A bundle folder with the tiny network's model.pt and its ckpt_export'ed model.ts (inference + tiny)."""
-    import torch
-    from monai.bundle import ConfigParser, ckpt_export
-
-    root = tmp_path_factory.mktemp("deploy_bundle")
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    (root / "models").mkdir()
-    torch.save(net.state_dict(), root / "models" / "model.pt")
-    ckpt_export(net_id="network_def", filepath=str(root / "models" / "model.ts"),
-                ckpt_file=str(root / "models" / "model.pt"), meta_file=str(CONFIGS / "metadata.json"),
-                config_file=INFER)
-    return root
+    return random_model(tmp_path_factory.mktemp("deploy_bundle"), INFER, seed=0, export=True)
 
 
 @pytest.fixture(scope="module")
@@ -239,21 +226,10 @@ def test_png_input_writes_json_and_png_only(tmp_path, model):
 @pytest.mark.parametrize("keep", ["model.pt", "model.ts"])
 def test_bundle_folder_loads_through_the_sdk(tmp_path, keep):
     """``-m <bundle folder>``: the SDK reads configs/inference.json + metadata.json and models/<keep>."""
-    import torch
-    from monai.bundle import ConfigParser, ckpt_export
-
     root = tmp_path / "bundle"
     shutil.copytree(CONFIGS, root / "configs")
-    (root / "models").mkdir()
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
-    torch.manual_seed(1)
-    net = parser.get_parsed_content("network_def")  # the default 256 px network
-    torch.save(net.state_dict(), root / "models" / "model.pt")
+    random_model(root, CONFIGS / "inference.json", seed=1, export=keep == "model.ts")  # the default 256 px network
     if keep == "model.ts":
-        ckpt_export(net_id="network_def", filepath=str(root / "models" / "model.ts"),
-                    ckpt_file=str(root / "models" / "model.pt"), meta_file=str(CONFIGS / "metadata.json"),
-                    config_file=str(CONFIGS / "inference.json"))
         (root / "models" / "model.pt").unlink()
     import cv2
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, REPO, error_chain, write_dicom
+from tests.helpers import CONFIGS, REPO, error_chain, random_model, write_dicom
 
 INFER = [str(CONFIGS / "inference.json"), str(REPO / "tests" / "configs" / "tiny.json")]
 META = str(CONFIGS / "metadata.json")
@@ -206,16 +206,7 @@ def make_more_inputs(folder: Path, good: list[np.ndarray], rng) -> None:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A bundle root whose models/model.pt is the tiny network, untrained, seed 0."""
-    from monai.bundle import ConfigParser
-
-    root = tmp_path_factory.mktemp("robust_bundle")
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    (root / "models").mkdir()
-    torch.save(net.state_dict(), root / "models" / "model.pt")
-    return root
+    return random_model(tmp_path_factory.mktemp("robust_bundle"), INFER, seed=0)
 
 
 @pytest.fixture(scope="module")
