@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -220,7 +221,11 @@ def export_torchscript(ckpt: Path, ts_path: Path, configs: list[Path], meta: Pat
 
     ts_path = Path(ts_path)
     ts_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ts_path.with_name(f".{ts_path.stem}.{os.getpid()}.tmp.ts")
+    # a temporary folder, not a temporary name: torch.jit.save names the archive's root folder after the file,
+    # and MONAI Deploy's bundle operator looks for "<file stem>/extra/<config>.json" (it reads no config else)
+    tmp_dir = ts_path.parent / f".export.{os.getpid()}.tmp"
+    tmp_dir.mkdir(exist_ok=True)
+    tmp = tmp_dir / ts_path.name
     try:
         ckpt_export(net_id="network_def", filepath=str(tmp), ckpt_file=str(ckpt), meta_file=str(meta),
                     config_file=[str(c) for c in configs], key_in_ckpt=key_in_ckpt or "")
@@ -241,7 +246,7 @@ def export_torchscript(ckpt: Path, ts_path: Path, configs: list[Path], meta: Pat
                               f"{' '.join(str(e).split())}") from e
         os.replace(tmp, ts_path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     flat = lambda y: [t for t in (y if isinstance(y, (tuple, list)) else [y]) if isinstance(t, torch.Tensor)]
     diff = max(((a - b).abs().max().item() for a, b in zip(flat(y_ts), flat(y_pt))), default=0.0)
     return {"input_shape": list(x.shape), "max_abs_diff": diff, "embedded": sorted(extra),

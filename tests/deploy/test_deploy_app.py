@@ -53,8 +53,17 @@ def _phantom(seed: int, size: int = 96) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A bundle folder with the tiny network's model.pt and its ckpt_export'ed model.ts (inference + tiny)."""
-    return random_model(tmp_path_factory.mktemp("deploy_bundle"), INFER, seed=0, export=True)
+    """A bundle folder with the tiny network's model.pt and model.ts from the documented export
+    (``scripts.cli.export``: inference.json, tiny.json and metadata.json embedded)."""
+    import zipfile
+
+    from scripts.cli.export import export
+
+    root = random_model(tmp_path_factory.mktemp("deploy_bundle"), INFER, seed=0)
+    export(root, config_file=[str(TINY)])
+    # the SDK finds the embedded configs under "<file stem>/extra/": the archive's root must be the file's stem
+    assert {n.split("/")[0] for n in zipfile.ZipFile(root / "models" / "model.ts").namelist()} == {"model"}
+    return root
 
 
 @pytest.fixture(scope="module")
