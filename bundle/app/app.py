@@ -80,6 +80,23 @@ def bundle_config_names(model_path: Path) -> list[str]:
     return ["inference"] + sorted(n for n in extra if n not in ("inference", "metadata"))
 
 
+def check_restoration_network(parser, model_path: Path) -> None:
+    """The app runs restoration networks (U-Net, SAGAN generator): ``|I - I_hat|`` in ``postprocessing``.
+
+    Raises:
+        DeployInputError: the network makes its own anomaly outputs (AnatPaste's classifier: a Grad-CAM map of
+            the eager network, which the SDK's operator and TorchScript cannot run).
+    """
+    import pydoc
+
+    target = str(parser.get("network_def#_target_") or "")
+    cls = pydoc.locate(target) if target else None
+    if cls is not None and hasattr(cls, "anomaly_outputs"):
+        raise DeployInputError(f"model '{model_path}' holds {cls.__name__}: its anomaly map (Grad-CAM) needs the eager "
+                               "network, which the Deploy app cannot run; use python -m monai.bundle run inferring "
+                               "with configs/methods/inference/anatpaste_classifier.json (docs/deploy.md, Limits)")
+
+
 def report_settings(model_path: Path, config_names: list[str]) -> dict:
     """Score threshold, mask rule text and bundle version from the bundle config (and ``ART_ASYN_SCORE_THRESHOLD``).
 
@@ -87,6 +104,7 @@ def report_settings(model_path: Path, config_names: list[str]) -> dict:
         DeployInputError: the threshold (config ``score_threshold`` or the environment) is not a finite number.
     """
     parser = get_bundle_config(str(model_path), config_names)
+    check_restoration_network(parser, model_path)
     raw = os.environ.get(THRESHOLD_ENV, "").strip() or parser.get("score_threshold")
     try:
         threshold = None if raw in (None, "") else float(raw)

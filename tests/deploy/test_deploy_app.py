@@ -263,3 +263,28 @@ def test_bad_model_and_unreadable_inputs(tmp_path, model):
     res = run_app(inp, tmp_path / "out2", model / "models" / "model.pt")
     assert res.returncode == 2
     assert "is not a TorchScript file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_model_families(tmp_path, study):
+    """SAGAN's generator (a restoration network) runs; AnatPaste's classifier is refused with a clear line."""
+    from scripts.cli.export import export
+
+    small = tmp_path / "small_sagan.json"
+    small.write_text(json.dumps({"+hparams": {"sagan_channels": 8, "sagan_res_blocks": 1}}))
+    sagan = [str(CONFIGS / "methods" / "inference" / "sagan.json"), str(small)]
+    root = random_model(tmp_path / "sagan", [str(CONFIGS / "inference.json"), *sagan], seed=0)
+    export(root, config_file=sagan)
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(study[0] / "cr_mono1.dcm", one / "cr_mono1.dcm")
+    res = run_app(one, tmp_path / "out_sagan", root / "models" / "model.ts")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    result = json.loads((tmp_path / "out_sagan" / study[1]["cr_mono1"] / "result.json").read_text())
+    assert "at 64 px" in result["mask_rule"] and {"seg.dcm", "sc.dcm", "sr.dcm"} <= set(result["files"])
+
+    classifier = [str(CONFIGS / "methods" / "inference" / "anatpaste_classifier.json")]
+    root = random_model(tmp_path / "classifier", [str(CONFIGS / "inference.json"), *classifier], seed=0)
+    export(root, config_file=classifier)
+    res = run_app(one, tmp_path / "out_classifier", root / "models" / "model.ts")
+    assert res.returncode == 2
+    assert "holds AnatPasteClassifier" in res.stderr and "Traceback" not in res.stderr
