@@ -11,8 +11,8 @@ that order. The zip holds ``art_asyn_bundle/``: ``configs/`` (all of them, plus 
 elsewhere), ``models/model.pt``, ``models/model_config.json``, ``models/model.ts`` (``ckpt_export`` with the configs
 embedded, checked against model.pt),
 ``docs/`` (+ ``package.md``: how to run this model), ``LICENSE``, ``large_files.yml`` (with the models' hashes)
-and the ``custom_transforms`` and ``scripts`` sources. Run it from the unzipped folder, or from elsewhere with the
-folder on ``PYTHONPATH`` (``bundle/README.md``).
+the ``custom_transforms`` and ``scripts`` sources and ``app/`` (the MONAI Deploy application of ``bundle/app``).
+Run it from the unzipped folder, or from elsewhere with the folder on ``PYTHONPATH`` (``bundle/README.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from scripts.cli import export
 BUNDLE_NAME = "art_asyn_bundle"
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the bundle root this module belongs to
 PACKAGES = ("custom_transforms", "scripts")  # the code the configs import
+DEPLOY_APP = ("bundle/app", "app")  # the MONAI Deploy application (docs/deploy.md): source, place in the zip
 TOP_FILES = ("LICENSE", "large_files.yml")
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints"}
 SKIP_SUFFIXES = {".pyc", ".pyo"}
@@ -97,7 +98,8 @@ def check_inputs(bundle_root: Path, config_files: list[Path], source: Path) -> P
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PackError(f"config file {c} is not valid JSON: {e}") from e
     needed = [source / "configs" / "inference.json", source / "configs" / "metadata.json",
-              *(source / p for p in PACKAGES), *(source / f for f in TOP_FILES), source / "docs"]
+              *(source / p for p in PACKAGES), *(source / f for f in TOP_FILES), source / "docs",
+              source / DEPLOY_APP[0]]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise PackError(f"the source bundle {source} lacks: {', '.join(missing)}")
@@ -204,6 +206,11 @@ relative to the current folder, or absolute):
 
     PYTHONPATH=<this folder> python -m monai.bundle run inferring --bundle_root <this folder> ...
 
+MONAI Deploy (DICOM in; DICOM SEG, Secondary Capture and SR out; `docs/deploy.md`), from this folder, after
+`pip install -r app/requirements.txt`:
+
+    PYTHONPATH=. python app -i <DICOM or image folder> -o <results> -m models/model.ts
+
 `models/model.ts` is `ckpt_export` of `network_def` with {", ".join(check["embedded"])} embedded; it equals
 `models/model.pt`'s network on a random {tuple(check["input_shape"])} input (max abs difference
 {check["max_abs_diff"]:.2e}).
@@ -261,6 +268,7 @@ def pack_bundle(bundle_root, out, config_file=(), source=SOURCE_ROOT, key_in_ckp
             shutil.copy2(source / name, root / name)
         for pkg in PACKAGES:
             copy_tree(source / pkg, root / pkg)
+        copy_tree(source / DEPLOY_APP[0], root / DEPLOY_APP[1])
         hashes = {p: sha256(root / p) for p in ("models/model.pt", "models/model.ts")}
         fill_large_files(root / "large_files.yml", hashes)
         write_package_doc(root, overrides, check, hashes)

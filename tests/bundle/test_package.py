@@ -14,6 +14,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -174,6 +175,7 @@ def test_zip_layout_and_summary(packed):
     expected |= {p.relative_to(REPO).as_posix() for p in CONFIGS.rglob("*") if p.is_file()}
     for pkg in ("custom_transforms", "scripts"):  # every source file, nothing compiled
         expected |= {p.relative_to(REPO).as_posix() for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts}
+    expected |= {f"app/{n}" for n in ("__main__.py", "app.py", "app.yaml", "requirements.txt")}  # the Deploy app
     assert expected <= rel, sorted(expected - rel)
     assert not [n for n in rel if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
     assert not [n for n in rel if n.split("/")[0] in ("tests", "output", "demo_data", ".venv")]
@@ -194,6 +196,31 @@ def test_inference_from_another_folder(unzipped, demo_dir):
     assert [(r["file"], r["status"]) for r in rows] == [(str(png), "ok")]
     assert float(rows[0]["score"]) >= 0 and 0.0 <= float(rows[0]["mask_fraction"]) <= 1.0
     assert (out / f"{png.stem}_overlay.png").is_file() and (out / f"{png.stem}_amap.nii.gz").is_file()
+
+
+# the Deploy app of the zip (``python app -i ... -o ... -m models/model.ts``) with the prelude first
+APP_DRIVER = PRELUDE + textwrap.dedent("""
+    import runpy
+
+    sys.argv = [str(BUNDLE / "app"), *sys.argv[1:]]
+    try:
+        runpy.run_path(str(BUNDLE / "app"), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), f"the app exited with {e.code}"
+    check_own_code()
+""")
+
+
+def test_deploy_app_from_the_zip(unzipped, demo_dir, tmp_path):
+    """(a') the zip's MONAI Deploy app on a PNG, with the zip's model.ts and code only."""
+    pytest.importorskip("monai.deploy", reason="the MONAI Deploy SDK is not installed (pip install -e '.[deploy]')")
+    png = sorted((demo_dir / "test" / "diseased").glob("*.png"))[0]
+    out = tmp_path / "deploy"
+    proc = run_isolated(APP_DRIVER, ["-i", png, "-o", out, "-m", unzipped / "models" / "model.ts"], cwd=unzipped,
+                        bundle=unzipped, pythonpath=str(unzipped))
+    assert "deploy: 1 radiographs: 1 written" in proc.stdout
+    result = json.loads((out / png.stem / "result.json").read_text())
+    assert result["kind"] == "file" and result["score"] >= 0
 
 
 def test_model_zoo_checks_in_the_bundle(unzipped):
