@@ -188,10 +188,13 @@ def check_paths(argv: list[str]) -> None:
     from monai.deploy.core import RuntimeEnv, parse_args
 
     args, env = parse_args(argv), RuntimeEnv()
-    model, inp = Path(args.model or env.model), Path(args.input or env.input)
+    model, inp, out = Path(args.model or env.model), Path(args.input or env.input), Path(args.output or env.output)
     for what, p in (("model", model), ("input", inp)):
         if not p.exists():
             raise DeployInputError(f"{what} path '{p}' does not exist")
+    if inp.is_dir() and out.resolve().is_relative_to(inp.resolve()):
+        raise DeployInputError(f"output folder '{out}' is inside the input folder '{inp}': its DICOM objects would be "
+                               "read as inputs by the next run; choose an output folder outside the input")
     report_settings(model, bundle_config_names(model))
 
 

@@ -26,6 +26,7 @@ from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSel
 from custom_transforms.io import CXRReadError, atomic_write_bytes, read_cxr, save_png
 from custom_transforms.utils import as_2d
 from scripts.deploy import dicom_outputs as dout
+from scripts.inference import output_stem
 
 logger = logging.getLogger("art_asyn.deploy")
 
@@ -94,6 +95,7 @@ class ChestXrayImageOperator(Operator):
         self._queue: deque = deque(("file", Path(f), None) for f in (files or []))
         self._received = self._file_mode
         self.counts = counts if counts is not None else Counter()
+        self._names: set[str] = set()  # output folder names given so far (a.png and a.jpg: a, a_jpg)
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -124,7 +126,7 @@ class ChestXrayImageOperator(Operator):
             self.counts["skipped"] += 1
             logger.warning("%s: skipped: %s", name, "; ".join(reasons))
             return None
-        stem = str(ds.SOPInstanceUID) if kind == "dicom" else path.stem
+        stem = output_stem(str(ds.SOPInstanceUID) if kind == "dicom" else str(path), self._names)
         return pixels, {"kind": kind, "path": str(path), "name": stem, "dataset": ds, "pixels": pixels}
 
     def compute(self, op_input, op_output, context):

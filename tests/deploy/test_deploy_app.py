@@ -221,15 +221,16 @@ def test_png_input_writes_json_and_png_only(tmp_path, model):
     inp.mkdir()
     for i in range(2):
         cv2.imwrite(str(inp / f"cxr{i}.png"), (_phantom(10 + i) * 255).astype(np.uint8))
+    cv2.imwrite(str(inp / "cxr0.jpg"), (_phantom(12) * 255).astype(np.uint8))  # same stem: its own folder
     (inp / "notes.txt").write_text("not an image")
     res = run_app(inp, tmp_path / "out", model / "models" / "model.ts")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cxr0", "cxr1"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cxr0", "cxr0_png", "cxr1"]  # cxr0.jpg comes first
     for d in (tmp_path / "out").iterdir():
         assert sorted(p.name for p in d.iterdir()) == ["mask.png", "overlay.png", "result.json"]
         assert json.loads((d / "result.json").read_text())["kind"] == "file"
     assert "notes.txt: ignored" in res.stdout + res.stderr
-    assert "deploy: 2 radiographs: 2 written" in res.stdout
+    assert "deploy: 3 radiographs: 3 written" in res.stdout
 
 
 @pytest.mark.parametrize("keep", ["model.pt", "model.ts"])
@@ -263,6 +264,10 @@ def test_bad_model_and_unreadable_inputs(tmp_path, model):
     res = run_app(inp, tmp_path / "out2", model / "models" / "model.pt")
     assert res.returncode == 2
     assert "is not a TorchScript file" in res.stderr and "Traceback" not in res.stderr
+
+    res = run_app(inp, inp / "results", model / "models" / "model.ts")
+    assert res.returncode == 2 and "is inside the input folder" in res.stderr
+    assert not any((inp / "results").iterdir())  # (the SDK's argument parser creates the folder; nothing in it)
 
 
 def test_model_families(tmp_path, study):
