@@ -819,7 +819,6 @@ class LoadCXRd(MapTransform):
             out[f"has_{key}"] = 1
         return out
 
-
     def _conform(self, key, arr, shape):
         """An in-memory image: ``(H, W)`` or ``(1, H, W)``, values as read (:func:`read_cxr`'s [0, 1]); returned
         as is when it already has ``shape``, else resized exactly as a file would be (area/linear, or nearest for
@@ -828,6 +827,10 @@ class LoadCXRd(MapTransform):
         if spatial == tuple(shape) and arr.ndim == 3 and arr.shape[0] == 1:
             return arr
         native = as_2d(arr, f"LoadCXRd in-memory '{key}'").astype(np.float32)
+        lo, hi = float(native.min()), float(native.max())
+        if key not in self.mask_keys and (lo < -1e-6 or hi > 1.0 + 1e-6):
+            raise ValueError(f"LoadCXRd: in-memory '{key}' must hold values in [0, 1] (as read_cxr returns), got "
+                             f"[{lo:g}, {hi:g}]; scale it first")
         out = resize(native, shape, nearest=key in self.mask_keys)
         meta = dict(getattr(arr, "meta", None) or {})
         meta.setdefault("original_spatial_shape", spatial)
@@ -864,8 +867,8 @@ def write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def save_png(path, img: np.ndarray) -> None:
-    """Save a 2-D float [0, 1] (or uint8) array, or an (H, W, 3) RGB array, as an 8-bit PNG atomically."""
+def png_bytes(img: np.ndarray) -> bytes:
+    """A 2-D float [0, 1] (or uint8) array, or an (H, W, 3) RGB array, encoded as an 8-bit PNG."""
     a = np.asarray(img)
     if a.dtype != np.uint8:
         a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -873,5 +876,38 @@ def save_png(path, img: np.ndarray) -> None:
         a = a[..., ::-1]  # RGB -> BGR for OpenCV
     ok, buf = cv2.imencode(".png", a)
     if not ok:
-        raise ValueError(f"cannot encode PNG for '{path}'")
-    atomic_write_bytes(path, buf.tobytes())
+        raise ValueError(f"cannot encode a PNG of shape {a.shape}")
+    return buf.tobytes()
+
+
+def save_png(path, img: np.ndarray) -> None:
+    """Save a 2-D float [0, 1] (or uint8) array, or an (H, W, 3) RGB array, as an 8-bit PNG atomically."""
+    try:
+        data = png_bytes(img)
+    except ValueError as e:
+        raise ValueError(f"cannot encode PNG for '{path}': {e}") from e
+    atomic_write_bytes(path, data)
+
+
+def atomic_write_folder(folder, files: Mapping[str, bytes]) -> None:
+    """Make ``folder`` hold exactly ``files`` (name -> bytes), never a mix of old and new files.
+
+    The files are written to a temporary sibling folder, which then replaces ``folder`` (the old one is moved
+    aside first and removed after), so a reader sees the old set, then the new one.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (folder.with_name(f".{folder.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -19,20 +19,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 from holoscan.conditions import BooleanCondition, CountCondition
-from monai.deploy.core import AppContext, Application, Image, IOType
+from monai.deploy.core import AppContext, Application, Image, IOType, ModelFactory
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-from monai.deploy.operators.monai_bundle_inference_operator import (
-    BundleConfigNames,
-    IOMapping,
-    MonaiBundleInferenceOperator,
-    get_bundle_config,
-)
+from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping, get_bundle_config
 
 from custom_transforms.io import has_dicom_preamble
 from scripts.deploy.operators import (
@@ -40,6 +37,7 @@ from scripts.deploy.operators import (
     AnomalyResultWriterOperator,
     ChestXrayImageOperator,
     ChestXraySeriesSelectorOperator,
+    IsolatingBundleInferenceOperator,
 )
 from scripts.inference import scan_inputs
 
@@ -51,9 +49,47 @@ class DeployInputError(ValueError):
     """The model or input given to the application cannot be used; the message says why."""
 
 
+def resolve_model(model_path: Path) -> Path:
+    """The model to run: a bundle folder (with ``configs/inference.json``) or a ``.ts`` file as given; a folder
+    holding exactly one ``*.ts`` directly or one level down (a MAP's ``/opt/holoscan/models/<name>/model.ts``)
+    -> that file.
+
+    Raises:
+        DeployInputError: a folder that is neither.
+    """
+    if not model_path.is_dir() or (model_path / "configs" / "inference.json").is_file():
+        return model_path
+    found = sorted({*model_path.glob("*.ts"), *model_path.glob("*/*.ts")})
+    if len(found) != 1:
+        raise DeployInputError(f"model folder '{model_path}' has no configs/inference.json and {len(found)} *.ts "
+                               "files (need a bundle folder, or exactly one model.ts)")
+    return found[0]
+
+
+def archive_root(model_ts: Path) -> str:
+    """The top folder of a TorchScript archive (``torch.jit.save`` names it after the file it wrote)."""
+    with zipfile.ZipFile(model_ts) as z:
+        return z.namelist()[0].split("/")[0]
+
+
+def staged_model(model_ts: Path, scratch: Path) -> Path:
+    """``model_ts``, or a link to it named ``<archive root>.ts`` in ``scratch`` when it was renamed after export:
+    the SDK reads the embedded configs only under ``<file stem>/extra/`` (and reads none otherwise)."""
+    root = archive_root(model_ts)
+    if root == model_ts.stem:
+        return model_ts
+    staged = scratch / f"{root}.ts"
+    try:
+        os.symlink(model_ts, staged)
+    except OSError:
+        shutil.copy2(model_ts, staged)
+    return staged
+
+
 def bundle_config_names(model_path: Path) -> list[str]:
-    """The bundle configs to parse: ``inference`` plus, for a ``.ts``, the override files embedded with it (by name:
-    the archive keeps no order, so overlapping overrides should be exported as one file).
+    """The bundle configs to parse, in the order the export merged them: ``inference``, the training's record
+    ``model_config`` when embedded, then any other embedded override file by name (the archive keeps no order, so
+    overlapping override files of one's own should be merged into one before the export).
 
     Raises:
         DeployInputError: ``model_path`` is neither a TorchScript file with an embedded ``inference`` config nor a
@@ -77,7 +113,8 @@ def bundle_config_names(model_path: Path) -> list[str]:
     if "inference" not in extra:
         raise DeployInputError(f"model '{model_path}' has no embedded inference config (found {sorted(extra)}); "
                                "export it with --config_file configs/inference.json (pack_bundle does)")
-    return ["inference"] + sorted(n for n in extra if n not in ("inference", "metadata"))
+    first = ["inference"] + (["model_config"] if "model_config" in extra else [])
+    return first + sorted(n for n in extra if n not in (*first, "metadata"))
 
 
 def check_restoration_network(parser, model_path: Path) -> None:
@@ -105,7 +142,7 @@ def report_settings(model_path: Path, config_names: list[str]) -> dict:
     """
     parser = get_bundle_config(str(model_path), config_names)
     check_restoration_network(parser, model_path)
-    raw = os.environ.get(THRESHOLD_ENV, "").strip() or parser.get("score_threshold")
+    raw = os.environ.get(THRESHOLD_ENV, "").strip() or parser.get_parsed_content("score_threshold", default=None)
     try:
         threshold = None if raw in (None, "") else float(raw)
     except (TypeError, ValueError):
@@ -113,11 +150,11 @@ def report_settings(model_path: Path, config_names: list[str]) -> dict:
     if threshold is not None and not math.isfinite(threshold):
         raise DeployInputError(f"score threshold {raw!r} (config key score_threshold or ${THRESHOLD_ENV}) "
                                "must be a finite number")
-    hp = parser.get("hparams") or {}
-    fixed = parser.get("mask_threshold")
+    hp = {k: parser.get_parsed_content(f"hparams#{k}", default=None) for k in ("mask_floor", "mask_rel", "image_size")}
+    fixed = parser.get_parsed_content("mask_threshold", default=None)
     rule = (f"fixed: A >= {fixed}" if fixed is not None else
-            f"per image: A >= max({hp.get('mask_floor', 0.03)}, {hp.get('mask_rel', 0.2)} * max A)")
-    return {"score_threshold": threshold, "mask_rule": f"A = |I - I_hat| at {hp.get('image_size', '?')} px; {rule}",
+            f"per image: A >= max({hp['mask_floor']}, {hp['mask_rel']} * max A)")
+    return {"score_threshold": threshold, "mask_rule": f"A = |I - I_hat| at {hp['image_size']} px; {rule}",
             "software_version": str(parser.get("_meta_#version") or "")}
 
 
@@ -131,25 +168,40 @@ class ARTASynCXRApp(Application):
 
     def __init__(self, *args, **kwargs):
         self.counts: Counter = Counter()
+        self.scratch = Path(tempfile.mkdtemp(prefix="art_asyn_deploy_"))  # links to inputs/models; removed at the end
         super().__init__(*args, **kwargs)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def compose(self):
         ctx: AppContext = Application.init_app_context(self.argv)
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module otherwise
         model_path, in_path, out_path = (Path(p).resolve() for p in (ctx.model_path, ctx.input_path, ctx.output_path))
         self.output_path = out_path
-        names = bundle_config_names(model_path)
-        settings = report_settings(model_path, names)
+        model_path = resolve_model(model_path)
         if model_path.is_dir():
             ctx.models = None  # the operator then loads models/model.ts (or model.pt) of the folder itself
+        else:
+            model_path = staged_model(model_path, self.scratch)
+            ctx.models = ModelFactory.create(str(model_path))
+        names = bundle_config_names(model_path)
+        settings = report_settings(model_path, names)
         out_path.mkdir(parents=True, exist_ok=True)
 
         more = BooleanCondition(self, enable_tick=True, name="more_radiographs")
-        dicom = [] if in_path.is_file() else dicom_files(in_path)
+        if in_path.is_file() and has_dicom_preamble(in_path):  # one DICOM file: the DICOM route, with its rules
+            linked = self.scratch / "input"
+            linked.mkdir()
+            os.symlink(in_path, linked / in_path.name)
+            dicom, in_path = [in_path], linked
+        else:
+            dicom = [] if in_path.is_file() else dicom_files(in_path)
         if dicom:
             loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=in_path, must_load=False,
                                              name="dicom_loader")
-            selector = ChestXraySeriesSelectorOperator(self, name="series_selector")
+            selector = ChestXraySeriesSelectorOperator(self, dicom_files=dicom, counts=self.counts,
+                                                       name="series_selector")
             images = ChestXrayImageOperator(self, more, counts=self.counts, name="chest_xray_images")
             self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
             self.add_flow(selector, images, {("study_selected_series_list", "study_selected_series_list")})
@@ -160,7 +212,7 @@ class ARTASynCXRApp(Application):
                 logger.warning("%s: ignored: %s", path, why)
             images = ChestXrayImageOperator(self, more, files=files, counts=self.counts, name="chest_xray_images")
             logger.info("input: %d image files in %s", len(files), in_path)
-        infer = MonaiBundleInferenceOperator(
+        infer = IsolatingBundleInferenceOperator(
             self, app_context=ctx, bundle_path=model_path, name="bundle_inference",
             bundle_config_names=BundleConfigNames(config_names=names),
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
@@ -195,7 +247,13 @@ def check_paths(argv: list[str]) -> None:
     if inp.is_dir() and out.resolve().is_relative_to(inp.resolve()):
         raise DeployInputError(f"output folder '{out}' is inside the input folder '{inp}': its DICOM objects would be "
                                "read as inputs by the next run; choose an output folder outside the input")
-    report_settings(model, bundle_config_names(model))
+    model = resolve_model(model)
+    scratch = Path(tempfile.mkdtemp(prefix="art_asyn_check_"))
+    try:
+        model = staged_model(model, scratch) if model.is_file() and zipfile.is_zipfile(model) else model
+        report_settings(model, bundle_config_names(model))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = ARTASynCXRApp(full) if argv is not None else ARTASynCXRApp()
-    app.run()
+    try:
+        app.run()
+    finally:
+        app.cleanup()
     print(app.summary(), flush=True)
     return 1 if app.counts["inputs"] and not app.counts["written"] else 0

@@ -5,7 +5,8 @@ Pure functions used by the MONAI Deploy application (``bundle/app``, docs/deploy
 - :func:`chest_xray_reasons`: why a DICOM instance is not a frontal chest radiograph (or ``[]``);
 - :func:`segmentation`: a binary DICOM Segmentation of the anomaly mask, at the source image's size;
 - :func:`secondary_capture`: a DICOM Secondary Capture of the heat map on the image, with the score burnt in;
-- :func:`structured_report`: a Comprehensive SR with the image score, the thresholds used and the finding.
+- :func:`structured_report`: a Comprehensive SR with the image score, the thresholds used and the finding (a
+  report of this bundle's own, titled in its private coding scheme: not a TID 1500 measurement report).
 
 Each object references the source instance (SEG: Referenced Series Sequence; SC: Source Image Sequence; SR:
 evidence and an IMAGE content item) and belongs to the source's study. The anomaly map, mask and score are those
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 
 XRAY_MODALITIES = ("CR", "DX")  # computed and digital radiography
-LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")  # ViewPosition values that are not frontal
+NON_FRONTAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "RLO", "LLO", "RAO", "LAO")  # ViewPosition values
 CHEST_BODY_PART = re.compile(r"chest|thorax|lung|torax|thora", re.IGNORECASE)
 ALGORITHM_NAME = "ART-ASyn"
 CODE_SCHEME = "99ARTASYN"  # private coding scheme of this bundle (DICOM PS3.16 8.2: "99" prefix)
@@ -33,7 +34,7 @@ def chest_xray_reasons(ds) -> list[str]:
     """Why ``ds`` (a pydicom dataset) is not an image this model is for; ``[]`` when it is.
 
     Rules: Modality CR or DX; BodyPartExamined, when present, names the chest; ViewPosition, when present, is not
-    lateral (:data:`LATERAL_VIEWS`); the instance has pixel data, one sample per pixel and one frame.
+    lateral or oblique (:data:`NON_FRONTAL_VIEWS`); the instance has pixel data, one sample per pixel and one frame.
     """
     reasons = []
     modality = str(ds.get("Modality", "") or "").upper()
@@ -43,8 +44,9 @@ def chest_xray_reasons(ds) -> list[str]:
     if body and not CHEST_BODY_PART.search(body):
         reasons.append(f"body part {body} is not the chest")
     view = str(ds.get("ViewPosition", "") or "").upper()
-    if view in LATERAL_VIEWS:
-        reasons.append(f"view position {view} is lateral; the model reads frontal (PA/AP) views")
+    if view in NON_FRONTAL_VIEWS:
+        kind = "oblique" if view.endswith("O") else "lateral"
+        reasons.append(f"view position {view} is {kind}; the model reads frontal (PA/AP) views")
     if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         reasons.append("no pixel data")
     elif int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -59,6 +61,38 @@ def to_native(arr2d: np.ndarray, shape: Sequence[int], nearest: bool) -> np.ndar
     from custom_transforms.io import resize
 
     return resize(np.asarray(arr2d, np.float32), tuple(int(s) for s in shape), nearest=nearest)
+
+
+# Type 2 patient/study attributes highdicom copies into every derived object (it fails when one is absent, as after
+# some de-identification): an absent one is given empty, as DICOM allows for Type 2
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "AccessionNumber", "StudyID", "ReferringPhysicianName")
+
+
+def with_type2(source):
+    """``source``, or a copy of it (same element objects, its own dictionary) with the absent
+    :data:`TYPE2_COPIED` attributes set empty; ``source`` itself is not changed.
+
+    Raises:
+        ValueError: the source lacks a Type 1 identifier (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID,
+            SOPClassUID): nothing could reference it.
+    """
+    from pydicom.dataset import Dataset
+
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+               if not source.get(k)]
+    if missing:
+        raise ValueError(f"the source instance lacks {', '.join(missing)}: results could not reference it")
+    absent = [k for k in TYPE2_COPIED if k not in source]
+    if not absent:
+        return source
+    ds = Dataset()  # a new element dictionary (copy.copy of a Dataset shares it with the source)
+    ds.update(source)
+    if hasattr(source, "file_meta"):
+        ds.file_meta = source.file_meta
+    for k in absent:
+        setattr(ds, k, None)
+    return ds
 
 
 def _coded(value: str, meaning: str, scheme: str = CODE_SCHEME):
@@ -86,6 +120,7 @@ def segmentation(source, mask: np.ndarray, *, software_version: str, manufacture
     """
     import highdicom as hd
 
+    source = with_type2(source)
     mask = np.asarray(mask)
     if mask.shape != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"mask shape {mask.shape} differs from the source image's {(source.Rows, source.Columns)}")
@@ -103,15 +138,52 @@ def segmentation(source, mask: np.ndarray, *, software_version: str, manufacture
         series_description="ART-ASyn anomaly mask", **_common(series_number, manufacturer))
 
 
+def fit_lines(lines: Sequence[str], width: int, scale: float, min_scale: float = 0.35,
+              thickness: int = 1) -> tuple[list[str], float]:
+    """``(lines, scale)`` such that every line is at most ``width - margins`` px wide in OpenCV's simplex font:
+    the scale is lowered to ``min_scale`` first, then the lines are wrapped at spaces (a word longer than the
+    width is cut into pieces)."""
+    room = max(8, width - 16)
+
+    def w(text: str, sc: float) -> int:
+        return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, sc, thickness)[0][0]
+
+    longest = max(lines, key=lambda t: w(t, 1.0)) if lines else ""
+    if longest and w(longest, scale) > room:
+        scale = max(min_scale, scale * room / w(longest, scale))
+    out: list[str] = []
+    for line in lines:
+        cur = ""
+        for word in line.split(" "):
+            while w(word, scale) > room and len(word) > 1:  # a word wider than the room: cut it
+                cut = max(1, int(len(word) * room / w(word, scale)))
+                if cur:
+                    out.append(cur)
+                    cur = ""
+                out.append(word[:cut])
+                word = word[cut:]
+            trial = f"{cur} {word}" if cur else word
+            if cur and w(trial, scale) > room:
+                out.append(cur)
+                cur = word
+            else:
+                cur = trial
+        out.append(cur)
+    return out, scale
+
+
 def burn_in(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
-    """``rgb`` with ``lines`` written on a black band at the top (white text, scaled to the image width)."""
+    """``rgb`` with ``lines`` written on a black band at the top: white text scaled to the image width, smaller
+    and wrapped when a line would not fit (:func:`fit_lines`)."""
     h, w = rgb.shape[:2]
-    scale = max(0.4, w / 900.0)
-    line_h = int(round(26 * scale))
-    band = np.zeros((line_h * len(lines) + int(8 * scale), w, 3), np.uint8)
+    thickness = max(1, int(round(1.5 * max(0.4, w / 900.0))))
+    lines, scale = fit_lines([line.encode("ascii", "replace").decode() for line in lines], w,
+                             0.7 * max(0.4, w / 900.0), thickness=thickness)
+    line_h = int(round(38 * scale)) + 2
+    band = np.zeros((line_h * len(lines) + 6, w, 3), np.uint8)
     for i, text in enumerate(lines):
-        cv2.putText(band, text, (int(8 * scale), line_h * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale,
-                    (255, 255, 255), max(1, int(round(1.5 * scale))), cv2.LINE_AA)
+        cv2.putText(band, text, (8, line_h * (i + 1) - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                    thickness, cv2.LINE_AA)
     return np.concatenate([band, rgb], axis=0)
 
 
@@ -151,16 +223,22 @@ def secondary_capture(source, rgb: np.ndarray, *, software_version: str, manufac
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
 
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"the secondary capture needs (rows, columns, 3) uint8 pixels, got {rgb.shape} {rgb.dtype}")
-    orientation = tuple(str(v) for v in (source.get("PatientOrientation") or ("L", "F")))
+    source = with_type2(source)
+    given = tuple(str(v) for v in (source.get("PatientOrientation") or ()))
+    known = len(given) == 2 and all(given)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.ascontiguousarray(rgb),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation[:2],
-        series_description="ART-ASyn anomaly heat map", **_common(series_number, manufacturer))
+        coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=given if known else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian, series_description="ART-ASyn anomaly heat map",
+        **_common(series_number, manufacturer))
+    if not known:  # highdicom needs one for PATIENT; unknown in the source: left empty (Type 2C), not guessed
+        sc.PatientOrientation = None
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     sc.SourceImageSequence = [ref]
@@ -175,8 +253,9 @@ def structured_report(source, score: float, *, score_threshold: float | None, ma
                       manufacturer: str = "ART-ASyn bundle", series_number: int = 9003):
     """Comprehensive SR: image score, score threshold (when set), mask rule and area, finding, source image."""
     import highdicom as hd
-    from pydicom.sr.codedict import codes
+    from pydicom.dataset import Dataset
 
+    source = with_type2(source)
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     unitless = hd.sr.CodedConcept("1", "UCUM", "no units")
     items = [
@@ -203,7 +282,13 @@ def structured_report(source, score: float, *, score_threshold: float | None, ma
     if flags:
         items.append(hd.sr.TextContentItem(name=_coded("ASYN005", "Input check"), value=flags[:1024],
                                            relationship_type=contains))
-    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+    # a report of this bundle's own (title in its private scheme), not TID 1500's "Imaging Measurement Report"
+    root = hd.sr.ContainerContentItem(name=_coded("ASYN000", "ART-ASyn anomaly report"))
     root.ContentSequence = items
-    return hd.sr.ComprehensiveSR(evidence=[source], content=root, series_description="ART-ASyn anomaly report",
-                                 **_common(series_number, manufacturer))
+    sr = hd.sr.ComprehensiveSR(evidence=[source], content=root, series_description="ART-ASyn anomaly report",
+                               **_common(series_number, manufacturer))
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = CODE_SCHEME, "ART-ASyn bundle local codes"
+    scheme.CodingSchemeResponsibleOrganization = "ART-ASyn bundle contributors"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr

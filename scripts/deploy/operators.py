@@ -22,8 +22,9 @@ import numpy as np
 from holoscan.conditions import BooleanCondition
 from monai.deploy.core import ConditionType, Image, Operator, OperatorSpec
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
+from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator
 
-from custom_transforms.io import CXRReadError, atomic_write_bytes, read_cxr, save_png
+from custom_transforms.io import CXRReadError, atomic_write_folder, png_bytes, read_cxr
 from custom_transforms.utils import as_2d
 from scripts.deploy import dicom_outputs as dout
 from scripts.inference import output_stem
@@ -53,24 +54,39 @@ def _series_label(series) -> str:
 
 class ChestXraySeriesSelectorOperator(DICOMSeriesSelectorOperator):
     """The SDK's series selector with chest radiograph rules (:data:`CHEST_XRAY_RULES`), keeping every matching
-    series; each series it leaves out gets one log line with the reason (e.g. ``modality CT is not one of CR/DX``).
+    series. Each series it leaves out gets one log line with the reason (e.g. ``modality CT is not one of
+    CR/DX``), and so does each file of ``dicom_files`` the SDK's loader did not load (unreadable header, no Study
+    or SOP Instance UID, DICOMDIR); their instances are counted in ``counts`` as inputs and skipped.
     """
 
-    def __init__(self, fragment, *args, rules: str = CHEST_XRAY_RULES, **kwargs):
+    def __init__(self, fragment, *args, rules: str = CHEST_XRAY_RULES, dicom_files=(), counts: Counter | None = None,
+                 **kwargs):
+        self.dicom_files = {Path(f).resolve() for f in dicom_files}
+        self.counts = counts if counts is not None else Counter()
         super().__init__(fragment, *args, rules=rules, all_matched=True, **kwargs)
 
     def filter(self, selection_rules, dicom_study_list, all_matched=False, sort_by_sop_instance_count=False):
         with _quiet():
             selected = super().filter(selection_rules, dicom_study_list, all_matched, sort_by_sop_instance_count)
         kept = {s.series.SeriesInstanceUID for study in selected for s in study.selected_series}
+        loaded = set()
         for study in dicom_study_list or []:
             for series in study.get_all_series():
+                sops = series.get_sop_instances()
+                loaded |= {Path(str(getattr(sop.get_native_sop_instance(), "filename", "") or "")).resolve()
+                           for sop in sops}
                 if series.SeriesInstanceUID in kept:
                     continue
-                sops = series.get_sop_instances()
                 reasons = dout.chest_xray_reasons(sops[0].get_native_sop_instance()) if sops else ["no instances"]
-                logger.warning("%s: skipped: %s", _series_label(series),
+                self.counts["inputs"] += len(sops)
+                self.counts["skipped"] += len(sops)
+                logger.warning("%s, %d instance(s): skipped: %s", _series_label(series), len(sops),
                                "; ".join(reasons) or "does not match the selection rules")
+        for f in sorted(self.dicom_files - loaded):
+            self.counts["inputs"] += 1
+            self.counts["skipped"] += 1
+            logger.warning("%s: skipped: the SDK's DICOM loader did not use it (unreadable header, no Study/Series/"
+                           "SOP Instance UID, or a DICOMDIR)", f)
         return selected
 
 
@@ -149,6 +165,23 @@ class ChestXrayImageOperator(Operator):
             self._tick.disable_tick()
 
 
+class IsolatingBundleInferenceOperator(MonaiBundleInferenceOperator):
+    """The SDK's ``MonaiBundleInferenceOperator`` (its own config and model loading), but an exception on one
+    radiograph is logged and ``None`` is sent on every output port: the writer counts that radiograph as
+    failed and the next one goes on. A failure before the bundle config could be parsed still stops the app.
+    """
+
+    def compute(self, op_input, op_output, context):
+        try:
+            super().compute(op_input, op_output, context)
+        except Exception as e:  # noqa: BLE001 - any model/transform error of one image; logged and counted
+            if not self._init_completed:
+                raise
+            logger.error("inference failed on this radiograph: %s: %s", type(e).__name__, e)
+            for port in OUTPUT_PORTS:
+                op_output.emit(None, port)
+
+
 def _scalar(x) -> float:
     return float(np.asarray(x, dtype=np.float64).reshape(-1)[0])
 
@@ -165,7 +198,8 @@ class AnomalyResultWriterOperator(Operator):
     Capture of the heat map with the score burnt in) and ``sr.dcm`` (Comprehensive SR with the score and the
     thresholds), each referencing the source instance. Every input: ``result.json`` (score, decision, mask
     rule, mask fraction, input checks, files), ``overlay.png`` (the Secondary Capture's picture) and
-    ``mask.png`` (source size). Files are written atomically; an error on one image is logged and counted
+    ``mask.png`` (source size). The folder is put in place whole (:meth:`write`); an error on one
+    image, or ``None`` model outputs (:class:`IsolatingBundleInferenceOperator`), is logged and counted
     (``failed``), and the application goes on.
 
     Args:
@@ -191,18 +225,27 @@ class AnomalyResultWriterOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         source = op_input.receive("source")
-        outputs = {port: op_input.receive(port) for port in OUTPUT_PORTS}
+        self.handle(source, {port: op_input.receive(port) for port in OUTPUT_PORTS})
+
+    def handle(self, source: dict, outputs: dict) -> Path | None:
+        """Write one radiograph's results, or log and count it as failed; its folder or ``None``."""
+        if any(outputs.get(port) is None for port in OUTPUT_PORTS):
+            self.counts["failed"] += 1
+            logger.error("%s: failed: no model outputs (inference error above)", source.get("path"))
+            return None
         try:
             folder = self.write(source, outputs)
-        except Exception as e:  # one image's write error must not lose the others: log, count, go on
+        except Exception as e:  # noqa: BLE001 - one image's write error must not lose the others: log, count
             self.counts["failed"] += 1
             logger.error("%s: writing the results failed: %s: %s", source.get("path"), type(e).__name__, e)
-            return
+            return None
         self.counts["written"] += 1
         logger.info("%s -> %s", source["path"], folder)
+        return folder
 
     def write(self, source: dict, outputs: dict) -> Path:
-        """Write the result files of one radiograph; returns its folder."""
+        """Make every result file of one radiograph in memory, then put its folder in place at once
+        (:func:`custom_transforms.io.atomic_write_folder`: never old and new files side by side)."""
         pixels = source["pixels"]
         amap = as_2d(outputs["amap"], "amap").astype(np.float32)
         mask = as_2d(outputs["pred_mask"].asnumpy() if isinstance(outputs["pred_mask"], Image)
@@ -212,10 +255,7 @@ class AnomalyResultWriterOperator(Operator):
         lines = dout.summary_lines(score, self.score_threshold, flags)
         native_mask = dout.to_native(mask, pixels.shape, nearest=True)
         picture = dout.overlay_picture(pixels, amap, mask, lines)
-        folder = self.output_folder / source["name"]
-        folder.mkdir(parents=True, exist_ok=True)
-        save_png(folder / "overlay.png", picture)
-        save_png(folder / "mask.png", native_mask)
+        files = {"overlay.png": png_bytes(picture), "mask.png": png_bytes(native_mask)}
         result = {"source": source["path"], "kind": source["kind"], "score": score,
                   "score_threshold": self.score_threshold,
                   "above_threshold": None if self.score_threshold is None else bool(score > self.score_threshold),
@@ -230,19 +270,20 @@ class AnomalyResultWriterOperator(Operator):
                                                  mask_rule=self.mask_rule, mask_fraction=result["mask_fraction"],
                                                  flags=flags, software_version=self.software_version),
             }
-            for fname, obj in made.items():
-                _save_dicom(folder / fname, obj)
+            files.update({name: _dicom_bytes(obj) for name, obj in made.items()})
             result["files"] += list(made)
             result["source_sop_instance_uid"] = str(ds.SOPInstanceUID)
             result["sop_instance_uids"] = {k: str(v.SOPInstanceUID) for k, v in made.items()}
-        atomic_write_bytes(folder / "result.json", (json.dumps(result, indent=2) + "\n").encode())
+        files["result.json"] = (json.dumps(result, indent=2) + "\n").encode()
+        folder = self.output_folder / source["name"]
+        atomic_write_folder(folder, files)
         return folder
 
 
-def _save_dicom(path: Path, ds) -> None:
-    """Write a DICOM object atomically (to bytes, then :func:`atomic_write_bytes`)."""
+def _dicom_bytes(ds) -> bytes:
+    """A DICOM object as the bytes of a file (preamble, file meta)."""
     from io import BytesIO
 
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()

@@ -137,7 +137,7 @@ def test_only_frontal_chest_radiographs_get_outputs(dicom_run, study):
     assert "modality CT is not one of CR/DX" in log
     assert "body part KNEE is not the chest" in log
     assert f"SOP {sops['no_pixels']} (no_pixels.dcm): skipped: no pixel data" in log
-    assert f"deploy: 5 radiographs: 2 written, 3 skipped, 0 failed -> {dicom_run.out}" in dicom_run.stdout
+    assert f"deploy: 6 radiographs: 2 written, 4 skipped, 0 failed -> {dicom_run.out}" in dicom_run.stdout
     assert "Traceback" not in log
 
 
@@ -293,3 +293,39 @@ def test_model_families(tmp_path, study):
     res = run_app(one, tmp_path / "out_classifier", root / "models" / "model.ts")
     assert res.returncode == 2
     assert "holds AnatPasteClassifier" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_hard_inputs_and_a_renamed_model_in_a_map_folder(tmp_path, model, study):
+    """A MAP-style model folder (``<models>/<name>/<file>.ts``) holding a renamed model.ts; a study with a CR
+    whose Type 2 patient/study attributes were removed (as some de-identifiers do) and a truncated file; and one
+    DICOM file given as ``-i``, which takes the DICOM route with its rules."""
+    import pydicom
+
+    models = tmp_path / "models"
+    (models / "cxr").mkdir(parents=True)
+    shutil.copy(model / "models" / "model.ts", models / "cxr" / "renamed.ts")  # archive root "model" != "renamed"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    ds = pydicom.dcmread(study[0] / "cr_mono1.dcm")
+    for k in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+              "StudyTime", "PatientOrientation"):
+        delattr(ds, k)
+    ds.save_as(inp / "stripped.dcm", enforce_file_format=True)
+    data = (study[0] / "sub" / "dx_voilut.dcm").read_bytes()
+    (inp / "truncated.dcm").write_bytes(data[:400])
+    res = run_app(inp, tmp_path / "out", models)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert "truncated.dcm: skipped: the SDK's DICOM loader did not use it" in log
+    assert f"deploy: 2 radiographs: 1 written, 1 skipped, 0 failed -> {tmp_path / 'out'}" in res.stdout
+    out = tmp_path / "out" / ds.SOPInstanceUID
+    result = json.loads((out / "result.json").read_text())
+    assert {"seg.dcm", "sc.dcm", "sr.dcm"} <= set(result["files"]) and "at 64 px" in result["mask_rule"]
+    sc = pydicom.dcmread(out / "sc.dcm")
+    assert sc.PatientOrientation in (None, "", []), "unknown in the source: left empty, not guessed"
+    assert pydicom.dcmread(out / "seg.dcm").PatientSex in (None, "")
+
+    res = run_app(study[0] / "lateral.dcm", tmp_path / "out_one", models)
+    assert res.returncode == 1, "one input, not written: exit status 1"
+    assert "view position LL is lateral" in res.stdout + res.stderr
+    assert "deploy: 1 radiographs: 0 written, 1 skipped" in res.stdout
