@@ -83,3 +83,28 @@ def test_embedded_configs_in_the_export_order(tmp_path):
     ts.rename(renamed)
     staged = app.staged_model(renamed, tmp_path)
     assert staged.name == "model.ts" and staged.resolve() == renamed.resolve()
+
+
+def test_inference_error_on_one_radiograph_sends_none_on_every_port(monkeypatch):
+    pytest.importorskip("monai.deploy", reason="the MONAI Deploy SDK is not installed")
+    from types import SimpleNamespace
+
+    from monai.deploy.core import Application
+    from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator
+
+    from scripts.deploy.operators import OUTPUT_PORTS, IsolatingBundleInferenceOperator
+
+    op = IsolatingBundleInferenceOperator(Application(), app_context=SimpleNamespace(models=None), input_mapping=[],
+                                          output_mapping=[], name="infer")
+
+    def boom(self, op_input, op_output, context):
+        raise RuntimeError("network failed")
+
+    monkeypatch.setattr(MonaiBundleInferenceOperator, "compute", boom)
+    sent = []
+    out = SimpleNamespace(emit=lambda value, port: sent.append((port, value)))
+    with pytest.raises(RuntimeError):  # before the bundle config is parsed: the app stops
+        op.compute(None, out, None)
+    op._init_completed = True
+    op.compute(None, out, None)
+    assert sent == [(p, None) for p in OUTPUT_PORTS]
