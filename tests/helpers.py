@@ -65,21 +65,7 @@ def small_png(path, value=100):
 
 
 def random_model(root, config_files, seed: int = 0, export: bool = False) -> Path:
-    """``root/models/model.pt`` (and with ``export``, ``model.ts`` via ``ckpt_export`` with ``config_files``
-    embedded): the network of ``config_files``, untrained, with seeded random weights; returns ``root``."""
-    import torch
-    from monai.bundle import ConfigParser, ckpt_export
+    """:func:`scripts.cli.export.write_random_model`: an untrained bundle model for tests."""
+    from scripts.cli.export import write_random_model
 
-    root, files = Path(root), [str(f) for f in (config_files if isinstance(config_files, (list, tuple))
-                                                else [config_files])]
-    parser = ConfigParser()
-    parser.read_config(files)
-    torch.manual_seed(seed)
-    net = parser.get_parsed_content("network_def")
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), root / "models" / "model.pt")
-    if export:
-        ckpt_export(net_id="network_def", filepath=str(root / "models" / "model.ts"),
-                    ckpt_file=str(root / "models" / "model.pt"), meta_file=str(CONFIGS / "metadata.json"),
-                    config_file=files)
-    return root
+    return write_random_model(root, config_files, seed=seed, export=export)

@@ -25,13 +25,15 @@ import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from holoscan.conditions import BooleanCondition, CountCondition
 from monai.deploy.core import AppContext, Application, Image, IOType, ModelFactory
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping, get_bundle_config
 
-from custom_transforms.io import has_dicom_preamble
+from custom_transforms.io import has_dicom_preamble, image_format
+from scripts.data.datasets import scan_folder
 from scripts.deploy.operators import (
     OUTPUT_PORTS,
     AnomalyResultWriterOperator,
@@ -159,8 +161,41 @@ def report_settings(model_path: Path, config_names: list[str]) -> dict:
 
 
 def dicom_files(folder: Path) -> list[Path]:
-    """The files under ``folder`` (recursively) that carry the DICOM preamble."""
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and has_dicom_preamble(p)]
+    """The DICOM files under ``folder`` (recursively; :func:`scripts.data.datasets.scan_folder`'s listing)."""
+    return [p for p in scan_folder(folder, recursive=True)[0] if image_format(p) == "dicom"]
+
+
+class Prepared(NamedTuple):
+    """What :func:`prepare` worked out once, before Holoscan starts: the model the SDK is given (resolved, and
+    staged under its export name), the configs to parse in order, and the report settings."""
+
+    model: Path
+    config_names: list[str]
+    settings: dict
+
+
+def prepare(argv: list[str], scratch: Path) -> Prepared:
+    """Check the command line's paths and the model (links go to ``scratch``).
+
+    Raises:
+        DeployInputError: a path does not exist, the output folder is inside the input folder, or the model is not
+            usable (:func:`resolve_model`, :func:`bundle_config_names`, :func:`report_settings`).
+    """
+    from monai.deploy.core import RuntimeEnv, parse_args
+
+    args, env = parse_args(argv), RuntimeEnv()
+    model, inp, out = Path(args.model or env.model), Path(args.input or env.input), Path(args.output or env.output)
+    for what, path in (("model", model), ("input", inp)):
+        if not path.exists():
+            raise DeployInputError(f"{what} path '{path}' does not exist")
+    if inp.is_dir() and out.resolve().is_relative_to(inp.resolve()):
+        raise DeployInputError(f"output folder '{out}' is inside the input folder '{inp}': its DICOM objects would be "
+                               "read as inputs by the next run; choose an output folder outside the input")
+    model = resolve_model(model.resolve())
+    if model.is_file() and zipfile.is_zipfile(model):
+        model = staged_model(model, scratch)
+    names = bundle_config_names(model)
+    return Prepared(model, names, report_settings(model, names))
 
 
 class ARTASynCXRApp(Application):
@@ -169,6 +204,7 @@ class ARTASynCXRApp(Application):
     def __init__(self, *args, **kwargs):
         self.counts: Counter = Counter()
         self.scratch = Path(tempfile.mkdtemp(prefix="art_asyn_deploy_"))  # links to inputs/models; removed at the end
+        self.prepared: Prepared | None = None  # set by main() (else worked out in compose)
         super().__init__(*args, **kwargs)
 
     def cleanup(self) -> None:
@@ -177,16 +213,12 @@ class ARTASynCXRApp(Application):
     def compose(self):
         ctx: AppContext = Application.init_app_context(self.argv)
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module otherwise
-        model_path, in_path, out_path = (Path(p).resolve() for p in (ctx.model_path, ctx.input_path, ctx.output_path))
+        in_path, out_path = Path(ctx.input_path).resolve(), Path(ctx.output_path).resolve()
         self.output_path = out_path
-        model_path = resolve_model(model_path)
-        if model_path.is_dir():
-            ctx.models = None  # the operator then loads models/model.ts (or model.pt) of the folder itself
-        else:
-            model_path = staged_model(model_path, self.scratch)
-            ctx.models = ModelFactory.create(str(model_path))
-        names = bundle_config_names(model_path)
-        settings = report_settings(model_path, names)
+        prepared = self.prepared or prepare(self.argv, self.scratch)
+        model_path, names, settings = prepared
+        # a folder: the operator loads models/model.ts (or model.pt) of it itself; a file: the staged TorchScript
+        ctx.models = None if model_path.is_dir() else ModelFactory.create(str(model_path))
         out_path.mkdir(parents=True, exist_ok=True)
 
         more = BooleanCondition(self, enable_tick=True, name="more_radiographs")
@@ -230,45 +262,19 @@ class ARTASynCXRApp(Application):
                 f"{c['failed']} failed -> {getattr(self, 'output_path', '?')}")
 
 
-def check_paths(argv: list[str]) -> None:
-    """Check the model and input paths of the command line before Holoscan starts.
-
-    Raises:
-        DeployInputError: a path does not exist, or the model is not usable (:func:`bundle_config_names`,
-            :func:`report_settings`).
-    """
-    from monai.deploy.core import RuntimeEnv, parse_args
-
-    args, env = parse_args(argv), RuntimeEnv()
-    model, inp, out = Path(args.model or env.model), Path(args.input or env.input), Path(args.output or env.output)
-    for what, p in (("model", model), ("input", inp)):
-        if not p.exists():
-            raise DeployInputError(f"{what} path '{p}' does not exist")
-    if inp.is_dir() and out.resolve().is_relative_to(inp.resolve()):
-        raise DeployInputError(f"output folder '{out}' is inside the input folder '{inp}': its DICOM objects would be "
-                               "read as inputs by the next run; choose an output folder outside the input")
-    model = resolve_model(model)
-    scratch = Path(tempfile.mkdtemp(prefix="art_asyn_check_"))
-    try:
-        model = staged_model(model, scratch) if model.is_file() and zipfile.is_zipfile(model) else model
-        report_settings(model, bundle_config_names(model))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the application (``argv``: the arguments after the program, default ``sys.argv[1:]``).
 
     Exit status 1 when inputs were found but nothing was written, 2 when the model or input cannot be used.
     """
     full = [sys.argv[0], *argv] if argv is not None else list(sys.argv)
-    try:
-        check_paths(full)
-    except DeployInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     app = ARTASynCXRApp(full) if argv is not None else ARTASynCXRApp()
     try:
+        try:
+            app.prepared = prepare(full, app.scratch)
+        except DeployInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         app.run()
     finally:
         app.cleanup()

@@ -10,9 +10,9 @@ Three paths, each a fresh process as a user runs it, interleaved in every repeat
   also writes DICOM SEG, SC and SR per image).
 
 The model is the default 256 px U-Net of ``configs/inference.json`` with seeded random weights (speed does not
-depend on the weights), exported to ``model.ts`` with ``ckpt_export``; ``--model`` takes a bundle folder or
-``model.ts`` instead. Each path runs on ``--n`` images and on 1 image; the report gives the median wall time of
-each, ``n / wall`` (end to end) and ``(n - 1) / (wall_n - wall_1)`` (steady state: start-up and model loading
+depend on the weights), exported to ``model.ts`` with ``ckpt_export``; ``--model`` takes a bundle folder with
+``models/model.ts`` instead. Each path runs on ``--n`` images and on 1 image; the report gives the median wall time
+of each, ``n / wall`` (end to end) and ``(n - 1) / (wall_n - wall_1)`` (steady state: start-up and model loading
 taken out), per path and as ratios to ``inference.json`` measured within the same repeat.
 """
 
@@ -35,19 +35,10 @@ PATHS = ("inference.json", "deploy PNG", "deploy DICOM")
 
 def make_model(root: Path, seed: int = 0) -> Path:
     """A bundle folder with the default network (seeded random weights) as model.pt and model.ts."""
-    import torch
-    from monai.bundle import ConfigParser, ckpt_export
+    from scripts.cli.export import write_random_model
 
     shutil.copytree(REPO / "configs", root / "configs")
-    (root / "models").mkdir(parents=True)
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "configs" / "inference.json"))
-    torch.manual_seed(seed)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
-    ckpt_export(net_id="network_def", filepath=str(root / "models" / "model.ts"),
-                ckpt_file=str(root / "models" / "model.pt"), meta_file=str(REPO / "configs" / "metadata.json"),
-                config_file=str(REPO / "configs" / "inference.json"))
-    return root
+    return write_random_model(root, [REPO / "configs" / "inference.json"], seed=seed, export=True)
 
 
 def command(path: str, inp: Path, out: Path, bundle: Path, model: Path) -> list[str]:
@@ -74,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "cxr" / "nih" / "test" / "diseased"))
     ap.add_argument("--n", type=int, default=32, help="images per timed run (default 32)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model", default=None, help="a bundle folder or model.ts (default: random-weight 256 px U-Net)")
+    ap.add_argument("--model", default=None,
+                    help="a bundle folder with models/model.ts (default: random-weight 256 px U-Net)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -88,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deploy_bench_") as tmp:
         tmp = Path(tmp)
         bundle = Path(args.model) if args.model else make_model(tmp / "bundle")
-        model = bundle / "models" / "model.ts" if bundle.is_dir() else bundle
-        if not bundle.is_dir():
-            print("error: --model must be a bundle folder for the inference.json path", file=sys.stderr)
+        if not (bundle / "models" / "model.ts").is_file():
+            print(f"error: --model {bundle} must be a bundle folder with models/model.ts", file=sys.stderr)
             return 2
+        model = bundle / "models" / "model.ts"
         inputs = {}
         for n in (len(files), 1):
             png = tmp / f"png{n}"

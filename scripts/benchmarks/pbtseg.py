@@ -11,8 +11,8 @@ shows the baseline stands in fairly for the authors' code.
 
     python -m scripts.benchmarks.pbtseg [--data ../shared/data/cxr] [--size 256] [--runs 5]
 
-``published_pbtseg`` (the baseline), ``benchmark_segmenter(fn, images)``, ``benchmark_interleaved(fns,
-images)``, ``evaluate_quality(fn, data)`` and ``agreement(labels_a, labels_b)`` can be imported.
+``published_pbtseg`` (the baseline), ``benchmark_interleaved(fns, images)``, ``evaluate_quality(fn, data)`` and
+``agreement(labels_a, labels_b)`` can be imported.
 """
 
 from __future__ import annotations
@@ -147,53 +147,32 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (pred & truth).sum() / total) if total else 1.0
 
 
-def benchmark_segmenter(fn: Callable[[np.ndarray], np.ndarray], images: Sequence[np.ndarray],
-                        runs: int = 5, warmup: int = 1) -> dict:
-    """Images/s of ``fn`` over preloaded ``images``: median (and all) of ``runs`` timed passes."""
-    for x in images[:warmup]:
-        fn(x)
-    rates = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for x in images:
-            fn(x)
-        rates.append(len(images) / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(rates), "runs": rates}
-
-
 def benchmark_interleaved(fns: dict[str, Callable[[np.ndarray], np.ndarray]], images: Sequence[np.ndarray],
                           runs: int = 5, warmup: int = 1) -> dict:
     """Images/s of several segmenters measured in one run: each image goes through every method in turn
     (the order rotates from image to image), so load changes hit all methods alike.
 
-    Returns ``{name: {"images_per_s": median over the passes, "runs": images/s of each pass}}``.
+    Returns ``{name: {"images_per_s": median over the passes, "runs": images/s of each pass, "labels": the
+    outputs of the last pass}}`` (so quality is measured on the same outputs, without segmenting again).
     """
     names = list(fns)
     for x in images[:warmup]:
         for name in names:
             fns[name](x)
     rates: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list] = {name: [None] * len(images) for name in names}
     for p in range(runs):
         spent = dict.fromkeys(names, 0.0)
         for i, x in enumerate(images):
             r = (i + p) % len(names)
             for name in names[r:] + names[:r]:
                 t0 = time.perf_counter()
-                fns[name](x)
+                outputs[name][i] = fns[name](x)
                 spent[name] += time.perf_counter() - t0
         for name in names:
             rates[name].append(len(images) / spent[name])
-    return {name: {"images_per_s": statistics.median(v), "runs": v} for name, v in rates.items()}
-
-
-def quality_from_labels(labels: Sequence[np.ndarray], masks_pred: Sequence[np.ndarray],
-                        masks_true: Sequence[np.ndarray]) -> dict:
-    """Both-lungs / no-lung rates of NIH label maps and Dice of predicted vs human lung masks."""
-    both = [bool((lab == RIGHT).any() and (lab == LEFT).any()) for lab in labels]
-    none = [not lab.any() for lab in labels]
-    dices = [dice(p, m) for p, m in zip(masks_pred, masks_true)]
-    return {"n_nih": len(labels), "both_rate": float(np.mean(both)), "none_rate": float(np.mean(none)),
-            "n_masks": len(dices), "dice": float(np.mean(dices)), "dice_min": float(np.min(dices))}
+    return {name: {"images_per_s": statistics.median(v), "runs": v, "labels": outputs[name]}
+            for name, v in rates.items()}
 
 
 def evaluate_quality(fn: Callable[[np.ndarray], np.ndarray], data: dict, labels: Sequence | None = None) -> dict:
@@ -202,7 +181,11 @@ def evaluate_quality(fn: Callable[[np.ndarray], np.ndarray], data: dict, labels:
     ``labels``: ``fn``'s label maps of ``data["nih"]`` when already computed.
     """
     labels = [fn(x) for x in data["nih"]] if labels is None else labels
-    return quality_from_labels(labels, [fn(x) for x in data["lung_images"]], data["lung_masks"])
+    both = [bool((lab == RIGHT).any() and (lab == LEFT).any()) for lab in labels]
+    none = [not lab.any() for lab in labels]
+    dices = [dice(fn(x), m) for x, m in zip(data["lung_images"], data["lung_masks"])]
+    return {"n_nih": len(labels), "both_rate": float(np.mean(both)), "none_rate": float(np.mean(none)),
+            "n_masks": len(dices), "dice": float(np.mean(dices)), "dice_min": float(np.min(dices))}
 
 
 def agreement(labels_a: Sequence[np.ndarray], labels_b: Sequence[np.ndarray]) -> dict:
@@ -239,9 +222,8 @@ def main(argv=None) -> int:
     speed = benchmark_interleaved(SEGMENTERS, data["nih"], runs=args.runs)
     header = ("method", "images/s", "(min-max)", "x published", "both lungs", "no lung", "Dice mean", "Dice min")
     print("{:<18} {:>9} {:>15} {:>11} {:>11} {:>8} {:>10} {:>9}".format(*header))
-    labels = {}
+    labels = {name: speed[name]["labels"] for name in SEGMENTERS}
     for name, fn in SEGMENTERS.items():
-        labels[name] = [fn(x) for x in data["nih"]]
         q = evaluate_quality(fn, data, labels[name])
         v, base = speed[name], speed[PUBLISHED]["images_per_s"]
         span = f"({min(v['runs']):.1f}-{max(v['runs']):.1f})"

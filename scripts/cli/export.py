@@ -26,7 +26,7 @@ from scripts.tracking import RECORD_NAME
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the bundle root this module belongs to
 
-__all__ = ["ExportError", "export", "export_torchscript", "config_list", "main", "run_or_explain"]
+__all__ = ["ExportError", "export", "export_torchscript", "config_list", "main", "run_or_explain", "write_random_model"]
 
 
 class ExportError(Exception):
@@ -294,6 +294,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     return run_or_explain(lambda: export(args.bundle_root, args.filepath, args.ckpt_file, args.config_file,
                                          args.key_in_ckpt, args.atol), print_summary)
+
+
+def write_random_model(root, config_files, seed: int = 0, export: bool = False) -> Path:
+    """``root/models/model.pt`` (and with ``export``, ``model.ts`` via ``ckpt_export`` with ``config_files``
+    embedded): the network of ``config_files``, untrained, with seeded random weights; returns ``root``. For tests
+    and benchmarks, where speed and plumbing matter, not the weights."""
+    import torch
+    from monai.bundle import ConfigParser, ckpt_export
+
+    root, files = Path(root), [str(f) for f in (config_files if isinstance(config_files, (list, tuple))
+                                                else [config_files])]
+    parser = ConfigParser()
+    parser.read_config(files)
+    torch.manual_seed(seed)
+    net = parser.get_parsed_content("network_def")
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    if export:
+        ckpt_export(net_id="network_def", filepath=str(root / "models" / "model.ts"),
+                    ckpt_file=str(root / "models" / "model.pt"),
+                    meta_file=str(SOURCE_ROOT / "configs" / "metadata.json"), config_file=files)
+    return root
 
 
 def run_or_explain(make_summary, show) -> int:

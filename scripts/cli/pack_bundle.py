@@ -18,7 +18,6 @@ Run it from the unzipped folder, or from elsewhere with the folder on ``PYTHONPA
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from custom_transforms.io import file_sha256
 from scripts.cli import export
 
 BUNDLE_NAME = "art_asyn_bundle"
@@ -65,14 +65,6 @@ def copy_tree(src: Path, dst: Path) -> list[Path]:
     return out
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def human(n: int) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
@@ -91,12 +83,7 @@ def check_inputs(bundle_root: Path, config_files: list[Path], source: Path) -> P
     if not ckpt.is_file():
         raise PackError(f"no trained model: {ckpt} does not exist (train first, with --bundle_root {bundle_root})")
     for c in config_files:
-        if not c.is_file():
-            raise PackError(f"config file {c} does not exist")
-        try:
-            json.loads(c.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PackError(f"config file {c} is not valid JSON: {e}") from e
+        export.read_json(c)
     needed = [source / "configs" / "inference.json", source / "configs" / "metadata.json",
               *(source / p for p in PACKAGES), *(source / f for f in TOP_FILES), source / "docs",
               source / DEPLOY_APP[0]]
@@ -109,7 +96,7 @@ def check_inputs(bundle_root: Path, config_files: list[Path], source: Path) -> P
 def place_overrides(config_files: list[Path], source: Path, configs: Path) -> list[str]:
     """Bundle paths (``configs/...``) of the given override files, copying those from outside ``configs/``."""
     src_configs = (source / "configs").resolve()
-    out, stems = [], {"inference", "metadata"}
+    out = []
     seen: set[Path] = set()
     for c in config_files:
         c = c.resolve()
@@ -124,10 +111,6 @@ def place_overrides(config_files: list[Path], source: Path, configs: Path) -> li
             if target.exists() and target.read_bytes() != c.read_bytes():
                 raise PackError(f"{c} would replace the bundle's own {rel}: rename the file")
             shutil.copy2(c, target)
-        stem = rel.stem  # ckpt_export embeds each config file under its name without extension
-        if stem in stems:
-            raise PackError(f"{c}: a config named {stem!r} is already embedded in model.ts; rename the file")
-        stems.add(stem)
         out.append(rel.as_posix())
     return out
 
@@ -269,7 +252,7 @@ def pack_bundle(bundle_root, out, config_file=(), source=SOURCE_ROOT, key_in_ckp
         for pkg in PACKAGES:
             copy_tree(source / pkg, root / pkg)
         copy_tree(source / DEPLOY_APP[0], root / DEPLOY_APP[1])
-        hashes = {p: sha256(root / p) for p in ("models/model.pt", "models/model.ts")}
+        hashes = {p: file_sha256(root / p) for p in ("models/model.pt", "models/model.ts")}
         fill_large_files(root / "large_files.yml", hashes)
         write_package_doc(root, overrides, check, hashes)
         infos = write_zip(Path(tmp), out)
