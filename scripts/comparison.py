@@ -155,30 +155,32 @@ def eval_runs(tracking_uri: str, experiment: str):
     return pd.DataFrame(rows)
 
 
-def latest_eval(runs, cell: Cell, budget: str):
-    """The newest complete evaluation run of ``cell`` under ``budget`` (a row of ``runs``) or None."""
-    if runs is None or len(runs) == 0:
-        return None
-    need = {"params.method": cell.method, "params.loss_name": cell.loss, "params.budget": budget}
-    if any(k not in runs.columns for k in need) or "metrics.train_seconds" not in runs.columns:
+def _latest(runs, need: dict, complete: str | None = None):
+    """The newest row of ``runs`` whose columns hold the values of ``need`` (and, with ``complete``, a value in
+    that column), or None."""
+    columns = list(need) + ([complete] if complete else [])
+    if runs is None or len(runs) == 0 or any(k not in runs.columns for k in columns):
         return None
     sel = runs
     for k, v in need.items():
         sel = sel[sel[k] == v]
-    sel = sel[sel["metrics.train_seconds"].notna()]
+    if complete:
+        sel = sel[sel[complete].notna()]
     return None if len(sel) == 0 else sel.iloc[0]
+
+
+def _cell_params(cell: Cell, budget: str) -> dict:
+    return {"params.method": cell.method, "params.loss_name": cell.loss, "params.budget": budget}
+
+
+def latest_eval(runs, cell: Cell, budget: str):
+    """The newest complete evaluation run of ``cell`` under ``budget`` (a row of ``runs``) or None."""
+    return _latest(runs, _cell_params(cell, budget), complete="metrics.train_seconds")
 
 
 def latest_zero_shot(runs, cell: Cell, budget: str, zero_shot_dir):
     """The newest zero-shot evaluation of ``cell``'s model (trained under ``budget``) on ``zero_shot_dir``, or None."""
-    need = {"params.method": cell.method, "params.loss_name": cell.loss, "params.budget": budget,
-            "tags.zero_shot_dir": str(zero_shot_dir)}
-    if runs is None or len(runs) == 0 or any(k not in runs.columns for k in need):
-        return None
-    sel = runs
-    for k, v in need.items():
-        sel = sel[sel[k] == v]
-    return None if len(sel) == 0 else sel.iloc[0]
+    return _latest(runs, {**_cell_params(cell, budget), "tags.zero_shot_dir": str(zero_shot_dir)})
 
 
 def _metric(r, k: str):
@@ -239,7 +241,7 @@ def render_markdown(rows: list[dict], title: str = "") -> str:
 
 
 def render_csv(rows: list[dict]) -> str:
-    columns = list(TABLE_COLUMNS) + (list(ZERO_SHOT_COLUMNS) if any("zs_auroc" in r for r in rows) else [])
+    columns = list(TABLE_COLUMNS) + [k for k in _metric_columns(rows) if k not in TABLE_COLUMNS]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns)
     w.writeheader()
@@ -294,6 +296,13 @@ def _workflow(files, workflow_type: str, overrides: dict):
     return wf
 
 
+def _evaluate(cell: Cell, budget: Path | None, overrides: dict):
+    """Run the evaluation workflow of ``cell`` (``configs/evaluate.json`` over its training configs) with
+    ``overrides``; returns ``(the MLflow evaluation run id, the finished workflow)``."""
+    wf = _workflow(cell.config_files(budget) + [str(CONFIGS / "evaluate.json")], "eval", overrides)
+    return wf.parser.get_parsed_content("evaluation_report").run_id, wf
+
+
 def _progress(cell_dir: Path) -> dict:
     p = cell_dir / "progress.json"
     return json.loads(p.read_text()) if p.is_file() else {"train_seconds": 0.0, "trained": False}
@@ -329,9 +338,7 @@ def run_cell(cell: Cell, dataset_dir, test_dir, budget: Path | None, out: Path, 
             _save_progress(cell_dir, progress)
         progress["trained"] = True
         _save_progress(cell_dir, progress)
-    wf = _workflow(files + [str(CONFIGS / "evaluate.json")], "eval",
-                   {**common, "test_dir": str(test_dir), "eval_run_name": f"eval_{cell.name}"})
-    handler = next(h for h in wf.parser.get_parsed_content("handlers") if hasattr(h, "run_id"))
+    run_id, wf = _evaluate(cell, budget, {**common, "test_dir": str(test_dir), "eval_run_name": f"eval_{cell.name}"})
     batch = wf.parser.get_parsed_content("hparams#batch_size")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     train_run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
@@ -341,10 +348,11 @@ def run_cell(cell: Cell, dataset_dir, test_dir, budget: Path | None, out: Path, 
     if train_run:
         history = client.get_metric_history(train_run[0].info.run_id, "loss")
         iterations = max((m.step for m in history), default=0)
-        client.set_tag(handler.run_id, "train_run_id", train_run[0].info.run_id)
-    client.log_metric(handler.run_id, "images_seen", float(iterations * batch))
-    client.log_metric(handler.run_id, "train_seconds", float(progress["train_seconds"]))  # logged last: complete
-    return handler.run_id
+        if "train_run_id" not in client.get_run(run_id).data.tags:  # the config could not tell it
+            client.set_tag(run_id, "train_run_id", train_run[0].info.run_id)
+    client.log_metric(run_id, "images_seen", float(iterations * batch))
+    client.log_metric(run_id, "train_seconds", float(progress["train_seconds"]))  # logged last: complete
+    return run_id
 
 
 def run_zero_shot(cell: Cell, dataset_dir, zero_shot_dir, budget: Path | None, out: Path, tracking_uri: str,
@@ -357,15 +365,13 @@ def run_zero_shot(cell: Cell, dataset_dir, zero_shot_dir, budget: Path | None, o
     Raises:
         FileNotFoundError: the cell has no trained model (``models/model.pt``).
     """
-    import mlflow
-
     cell_dir = out / "cells" / cell.name
     if not (cell_dir / "models" / "model.pt").is_file():
         raise FileNotFoundError(f"cell {cell.name}: no trained model at '{cell_dir / 'models' / 'model.pt'}'")
-    wf = _workflow(cell.config_files(budget) + [str(CONFIGS / "evaluate.json")], "eval",
-                   {**_cell_overrides(cell_dir, dataset_dir, budget, tracking_uri, experiment, extra),
-                    "test_dir": str(zero_shot_dir), "eval_run_name": f"zeroshot_{cell.name}",
-                    "eval_dir": str(cell_dir / "output" / "eval_zeroshot")})
-    handler = next(h for h in wf.parser.get_parsed_content("handlers") if hasattr(h, "run_id"))
-    mlflow.MlflowClient(tracking_uri=tracking_uri).set_tag(handler.run_id, "zero_shot_dir", str(zero_shot_dir))
-    return handler.run_id
+    run_id, _ = _evaluate(cell, budget, {
+        **_cell_overrides(cell_dir, dataset_dir, budget, tracking_uri, experiment, extra),
+        "test_dir": str(zero_shot_dir), "eval_run_name": f"zeroshot_{cell.name}",
+        "eval_dir": str(cell_dir / "output" / "eval_zeroshot"),
+        "evaluation_report#tags#zero_shot_dir": str(zero_shot_dir),  # tagged as the run is logged
+    })
+    return run_id

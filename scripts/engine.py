@@ -101,12 +101,13 @@ class ClassifierTrainStep:
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         logits = engine.network(x)
         loss = engine.loss_function(logits, y)
-        check_finite_terms({"loss": float(loss.detach())}, engine)
+        loss_value = float(loss.detach())
+        check_finite_terms({"loss": loss_value}, engine)
         loss.backward()
         engine.optimizer.step()
         accuracy = (logits.detach().argmax(1) == y).float().mean()
         return {Keys.IMAGE: x, Keys.LABEL: y, Keys.PRED: logits.detach(), Keys.LOSS: loss.detach(),
-                "terms": {"loss": float(loss.detach()), "accuracy": float(accuracy)}}
+                "terms": {"loss": loss_value, "accuracy": float(accuracy)}}
 
 
 CLASSIFIER_SCORES = ("density", "softmax")

@@ -21,6 +21,7 @@ discriminator sees [0, 1] images (normal images and generator outputs alike).
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from monai.engines.utils import CommonKeys as Keys
 from torch import nn
 
 from scripts.engine import _to
+from scripts.robust import check_finite_terms
 
 __all__ = [
     "SAGANDiscriminator",
@@ -317,13 +319,19 @@ class SAGANTrainStep:
     ``engine.optimizer`` the generator's optimizer; the step owns the discriminator and its optimizer.
 
     Per iteration (SAGAN (Zhang et al., MICCAI 2024) Sec. 3.1): ``n_critic`` critic updates on Eq. 7 with
-    ``x'_u = G(x_u)`` computed without gradient, then one generator update on Eq. 6 (the critic's parameters
-    are frozen meanwhile, so no stale gradient accumulates in them). Batch keys: normal images ``x_n``,
-    their FPI pseudo-anomalies ``x_p`` and unlabelled images ``x_u``, ``(B, C, H, W)`` in [0, 1].
+    ``x'_u = G(x_u)`` computed once, without gradient (neither changes between critic updates), then one
+    generator update on Eq. 6 (the critic's parameters are frozen meanwhile, so no stale gradient accumulates
+    in them). Batch keys: normal images ``x_n``, their FPI pseudo-anomalies ``x_p`` and unlabelled images
+    ``x_u``, ``(B, C, H, W)`` in [0, 1]. The discriminator must already be on the engine's device (the config
+    moves it there).
 
     Returns MONAI's output dict: image ``x_u``, label ``x_n``, pred ``x'_n`` (detached), loss ``L^G`` and the
     terms as floats under ``"terms"`` (``loss, g_adv, g_id, g_rec`` and, from the last critic update,
     ``d_loss, d_wasserstein, gp``) for a ``StatsHandler``/``MLFlowHandler`` with ``lambda x: x["terms"]``.
+
+    Raises:
+        scripts.robust.NonFiniteError: a critic or generator term is NaN or infinite (checked before that
+            network's optimiser step, so its weights keep their last finite values).
     """
 
     def __init__(
@@ -336,28 +344,30 @@ class SAGANTrainStep:
         self.discriminator, self.d_optimizer, self.n_critic = discriminator, d_optimizer, int(n_critic)
         self.lambda_gp, self.lambda_id, self.lambda_rec = float(lambda_gp), float(lambda_id), float(lambda_rec)
         self.normal_key, self.pseudo_key, self.unlabelled_key = normal_key, pseudo_key, unlabelled_key
-        self._device: torch.device | None = None
 
-    def _critic(self, device) -> nn.Module:
-        """The discriminator, moved to ``device`` on first use (the optimizer keeps the same parameters)."""
-        device = torch.device(device)
-        if self._device != device:
-            self.discriminator.to(device)
-            self._device = device
-        return self.discriminator.train()
+    def critic_step(self, x_n: torch.Tensor, fake_u: torch.Tensor, engine=None) -> dict[str, torch.Tensor]:
+        """One critic update on Eq. 7 against ``fake_u = G(x_u)`` (computed without gradient); returns the
+        detached terms.
 
-    def critic_step(self, generator: nn.Module, x_n: torch.Tensor, x_u: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One critic update on Eq. 7; returns the detached terms."""
-        with torch.no_grad():
-            fake_u = generator(x_u)
+        Raises:
+            scripts.robust.NonFiniteError: a critic term is NaN or infinite (before the critic's optimiser step);
+                the message names the epoch and iteration of ``engine`` and the critic's learning rate.
+        """
         self.d_optimizer.zero_grad(set_to_none=True)
         terms = critic_loss_terms(self.discriminator, x_n, fake_u, self.lambda_gp)
+        values = {k: v.detach() for k, v in terms.items()}
+        where = None if engine is None else types.SimpleNamespace(state=engine.state, optimizer=self.d_optimizer)
+        check_finite_terms(values, where, what="critic loss")
         terms["d_loss"].backward()
         self.d_optimizer.step()
-        return {k: v.detach() for k, v in terms.items()}
+        return values
 
     def generator_step(self, engine, x_n, x_p, x_u) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One generator update on Eq. 6 with the critic frozen; returns ``(detached terms, x'_n)``."""
+        """One generator update on Eq. 6 with the critic frozen; returns ``(detached terms, x'_n)``.
+
+        Raises:
+            scripts.robust.NonFiniteError: a generator term is NaN or infinite (before the optimiser step).
+        """
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         flags = [p.requires_grad for p in self.discriminator.parameters()]
         self.discriminator.requires_grad_(False)
@@ -365,23 +375,27 @@ class SAGANTrainStep:
             terms, out_n = generator_loss_terms(
                 engine.network, self.discriminator, x_n, x_p, x_u, self.lambda_id, self.lambda_rec
             )
+            values = {k: v.detach() for k, v in terms.items()}
+            check_finite_terms(values, engine)  # a NaN/inf loss stops training before it reaches the weights
             terms["loss"].backward()
         finally:
             for p, flag in zip(self.discriminator.parameters(), flags):
                 p.requires_grad_(flag)
         engine.optimizer.step()
-        return {k: v.detach() for k, v in terms.items()}, out_n.detach()
+        return values, out_n.detach()
 
     def __call__(self, engine, batchdata: dict) -> dict:
         device, nb = engine.state.device, engine.non_blocking
         x_n = _to(batchdata, self.normal_key, device, nb)
         x_p = _to(batchdata, self.pseudo_key, device, nb)
         x_u = _to(batchdata, self.unlabelled_key, device, nb)
-        self._critic(device)
+        self.discriminator.train()
         engine.network.train()
+        with torch.no_grad():  # the generator and x_u do not change between critic updates
+            fake_u = engine.network(x_u)
         d_terms: dict[str, torch.Tensor] = {}
         for _ in range(self.n_critic):
-            d_terms = self.critic_step(engine.network, x_n, x_u)
+            d_terms = self.critic_step(x_n, fake_u, engine)
         g_terms, out_n = self.generator_step(engine, x_n, x_p, x_u)
         terms = {**g_terms, **d_terms}
         return {

@@ -8,6 +8,7 @@ import pytest
 import torch
 from monai.engines import SupervisedTrainer
 
+from scripts.robust import NonFiniteError
 from scripts.sagan import (
     SAGANDiscriminator,
     SAGANGenerator,
@@ -245,6 +246,31 @@ def test_generator_step_leaves_critic_grads_alone():
     train_step.generator_step(_engine(g), b["image"], b["synthetic"], b["unlabelled"])
     assert all(p.grad.abs().sum() == 0 for p in d.parameters())
     assert any(p.grad is not None for p in g.parameters())
+
+
+def test_train_step_non_finite_critic_term_raises_before_the_weights_change():
+    g, d, train_step, calls = _step()
+    train_step.lambda_gp = float("nan")
+    engine = _engine(g)
+    engine.state.epoch, engine.state.iteration = 3, 7
+    g_before, d_before = _snapshot(g), _snapshot(d)
+    with pytest.raises(NonFiniteError, match=r"critic loss at epoch 3, iteration 7 \(d_loss=nan.*learning rate 0.001"):
+        train_step(engine, _batch())
+    assert not calls  # the critic's optimiser did not step
+    assert not _changed(g, g_before) and not _changed(d, d_before)
+
+
+def test_generator_step_non_finite_term_raises_before_the_weights_change():
+    g, d, train_step, _ = _step()
+    train_step.lambda_rec = float("nan")
+    engine = _engine(g)
+    engine.state.epoch, engine.state.iteration = 3, 7
+    g_before, d_before = _snapshot(g), _snapshot(d)
+    b = _batch()
+    with pytest.raises(NonFiniteError, match=r"loss at epoch 3, iteration 7 \(loss=nan.*learning rate 0.001"):
+        train_step.generator_step(engine, b["image"], b["synthetic"], b["unlabelled"])
+    assert not _changed(g, g_before) and not _changed(d, d_before)
+    assert all(p.requires_grad for p in d.parameters())  # the critic is unfrozen again
 
 
 def test_train_step_missing_key():
