@@ -45,7 +45,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from custom_transforms.utils import as_2d
+from custom_transforms.utils import as_2d, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +122,12 @@ def check_limits(max_pixels=MAX_PIXELS, min_size=MIN_SIZE, min_levels=MIN_LEVELS
         ValueError: ``max_pixels`` is not ``None`` or a positive number, ``min_size``/``min_levels`` is not a
             non-negative int, or ``min_range`` is not in [0, 1).
     """
-    def number(v) -> bool:
-        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-    if max_pixels is not None and not (number(max_pixels) and max_pixels > 0):
+    if max_pixels is not None and not (is_number(max_pixels) and max_pixels > 0):
         raise ValueError(f"max_pixels must be a positive number of pixels or None (no limit), got {max_pixels!r}")
     for name, v in (("min_size", min_size), ("min_levels", min_levels)):
-        if not (number(v) and float(v).is_integer() and v >= 0):
+        if not (is_number(v) and float(v).is_integer() and v >= 0):
             raise ValueError(f"{name} must be an int >= 0 (0 switches the check off), got {v!r}")
-    if not (number(min_range) and 0.0 <= min_range < 1.0):
+    if not (is_number(min_range) and 0.0 <= min_range < 1.0):
         raise ValueError(f"min_range must be a fraction in [0, 1) (0 switches the check off), got {min_range!r}")
 
 
@@ -183,11 +180,14 @@ def check_bit_depth(path, bits: int | None, min_levels: int) -> None:
                                  "(min_levels); a black-and-white (binarized) image is not a radiograph")
 
 
-def _stored_range(raw: np.ndarray, bits: int | None) -> float:
+def _stored_range(raw: np.ndarray, bits: int | None, lo: float | None = None, hi: float | None = None) -> float:
     """The range of values the stored data can take: ``2 ** b - 1`` for integer data, where ``b`` is the number
     of bits the largest magnitude needs (at least 8; at most ``bits``, the declared depth, when given): 12-bit
-    data in a 16-bit container has the range 4095. Floating point data without ``bits``: its largest magnitude."""
-    peak = max(abs(float(raw.min())), abs(float(raw.max())))
+    data in a 16-bit container has the range 4095. Floating point data without ``bits``: its largest magnitude.
+    ``lo``/``hi``: ``raw``'s minimum and maximum when the caller has them (computed otherwise)."""
+    if lo is None or hi is None:
+        lo, hi = float(raw.min()), float(raw.max())
+    peak = max(abs(lo), abs(hi))
     if raw.dtype.kind == "f" and bits is None:
         return peak
     b = max(8, int(np.ceil(peak)).bit_length())
@@ -207,13 +207,16 @@ def _robust_span(raw: np.ndarray) -> tuple[float, float]:
     return float(p1), float(p99)
 
 
-def check_dynamic_range(path, raw: np.ndarray, min_range: float, bits: int | None = None) -> None:
+def check_dynamic_range(path, raw: np.ndarray, min_range: float, bits: int | None = None) -> tuple[float, float]:
     """Refuse a constant or nearly constant image (too little information to be a radiograph).
 
     ``raw`` is the 2-D gray image as stored (before any scaling). The check is robust to a few outliers: the
     1st to 99th percentile span (on a regular sub-grid of at most 2**20 px) must be at least ``min_range`` times
     the stored value range (see ``_stored_range``: 255 for 8-bit data, ``2 ** BitsStored - 1`` at most for
     DICOM). A constant image is always refused, even with ``min_range=0``.
+
+    Returns:
+        ``(min, max)`` of ``raw``, so that the caller need not compute them again.
 
     Raises:
         CXRReadError: the image is constant or its robust span is below ``min_range`` of the range.
@@ -222,13 +225,14 @@ def check_dynamic_range(path, raw: np.ndarray, min_range: float, bits: int | Non
     if hi <= lo:
         raise CXRReadError(path, f"image is constant (all pixels = {lo:g}); nothing to see")
     if min_range <= 0:
-        return
+        return lo, hi
     p1, p99 = _robust_span(raw)
-    full = _stored_range(raw, bits)
+    full = _stored_range(raw, bits, lo, hi)
     if p99 - p1 < min_range * full:
         raise CXRReadError(
             path, f"image is nearly constant: 98% of its pixels lie between {p1:g} and {p99:g}, a span of "
                   f"{(p99 - p1) / full:.2%} of the stored range 0..{full:g}, below {min_range:.2%} (min_range)")
+    return lo, hi
 
 
 def check_min_size(path, shape, min_size: int) -> None:
@@ -456,11 +460,14 @@ def _decode_raster(path, header: RasterHeader) -> np.ndarray:
     return exif_transpose_array(a, header.orientation) if header.orientation != 1 else a
 
 
-def _minmax(a: np.ndarray, path) -> np.ndarray:
+def _minmax(a: np.ndarray, path, lo_hi: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale to [0, 1] by min-max. ``lo_hi``: the minimum and maximum of ``a`` as given (before the float32
+    cast; float32 rounding is monotonic, so they round to the float32 array's own), when the caller has them."""
     a = a.astype(np.float32, copy=False)
     if not np.all(np.isfinite(a)):
         raise CXRReadError(path, "image contains NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
+    lo, hi = (float(a.min()), float(a.max())) if lo_hi is None else (float(np.float32(lo_hi[0])),
+                                                                      float(np.float32(lo_hi[1])))
     if hi <= lo:
         raise CXRReadError(path, f"image is constant (all pixels = {lo:g}); nothing to see")
     return (a - lo) / (hi - lo)
@@ -478,6 +485,15 @@ def _gray(a: np.ndarray, path) -> np.ndarray:
     return a
 
 
+def _raster_raw(path, max_pixels, min_levels: int = 0) -> np.ndarray:
+    """The raster pixels as stored (EXIF-turned): header, ``max_pixels``, bit depth (``min_levels``; 0: no
+    check) and truncation checked before decoding."""
+    header = raster_header(path, max_pixels)
+    check_bit_depth(path, header.bits, min_levels)
+    check_complete(path)
+    return _decode_raster(path, header)
+
+
 def read_raster(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
                 min_range: float = MIN_RANGE) -> np.ndarray:
     """PNG/JPEG/BMP/TIFF (8- or 16-bit; L, LA, RGB, RGBA, I;16, palette) -> float32 (H, W) in [0, 1].
@@ -489,10 +505,7 @@ def read_raster(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
         CXRReadError: unreadable, truncated, too many pixels, too few gray levels, (nearly) constant, or an
             unsupported pixel type.
     """
-    header = raster_header(path, max_pixels)
-    check_bit_depth(path, header.bits, min_levels)
-    check_complete(path)
-    a = _decode_raster(path, header)
+    a = _raster_raw(path, max_pixels, min_levels)
     if a.ndim == 3 and a.shape[-1] == 2:  # gray + alpha
         a = a[..., 0]
     g = _gray(a, path)
@@ -501,8 +514,8 @@ def read_raster(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
         return (g.astype(np.float32) / 255.0).clip(0.0, 1.0)
     if a.dtype not in (np.uint16, np.int16, np.int32, np.float32, np.float64):
         raise CXRReadError(path, f"unsupported pixel type {a.dtype}")
-    check_dynamic_range(path, g, min_range, bits=None if a.dtype.kind == "f" else 8 * a.dtype.itemsize)
-    return _minmax(g, path)
+    lo_hi = check_dynamic_range(path, g, min_range, bits=None if a.dtype.kind == "f" else 8 * a.dtype.itemsize)
+    return _minmax(g, path, lo_hi)
 
 
 # ------------------------------------------------------------------------------------------------ DICOM
@@ -510,17 +523,21 @@ def read_raster(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-def _dicom_dataset(path, max_pixels):
-    """The dataset (pixel data read as bytes, not decoded), checked for pixel data and ``max_pixels``."""
+def _dicom_dataset(path):
+    """Read a DICOM file as a pydicom dataset (pixel data read as bytes, not decoded); no checks."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(str(path))
+        return pydicom.dcmread(str(path))
     except InvalidDicomError as e:
         raise CXRReadError(path, f"not a DICOM file ({e})") from e
     except Exception as e:  # truncated headers, bad value lengths, ...
         raise CXRReadError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+
+
+def _check_dicom_header(ds, path, max_pixels) -> None:
+    """Refuse a dataset without pixel data, or whose Rows x Columns (x frames) exceed ``max_pixels``."""
     if not any(tag in ds for tag in _PIXEL_TAGS):
         sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown SOP class")
         raise CXRReadError(path, f"DICOM file has no pixel data ({sop}): not an image")
@@ -528,38 +545,50 @@ def _dicom_dataset(path, max_pixels):
     if not rows or not cols:
         raise CXRReadError(path, "DICOM file has pixel data but no Rows/Columns")
     check_pixel_limit(path, int(cols), int(rows), max_pixels, frames=int(ds.get("NumberOfFrames", 1) or 1))
-    return ds
 
 
-def _dicom_pixels(ds, path) -> np.ndarray:
+def _dicom_bits(ds) -> int | None:
+    bits = ds.get("BitsStored") or ds.get("BitsAllocated")
+    return int(bits) if bits else None
+
+
+def _dicom_raw(ds, path, max_pixels, min_levels: int = 0) -> np.ndarray:
+    """The stored pixels of the first frame of a dataset: header, ``max_pixels`` and bit depth (``min_levels``;
+    0: no check) checked before decoding."""
+    _check_dicom_header(ds, path, max_pixels)
+    check_bit_depth(path, _dicom_bits(ds), min_levels)
     try:
-        return ds.pixel_array
+        arr = ds.pixel_array
     except Exception as e:  # decoders raise many types; name the file and keep the cause
         raise CXRReadError(path, f"DICOM pixel data cannot be decoded ({type(e).__name__}: {e})") from e
-
-
-def read_dicom(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
-               min_range: float = MIN_RANGE) -> np.ndarray:
-    """DICOM -> float32 (H, W) in [0, 1]: Modality LUT, VOI LUT/window, MONOCHROME1 inverted.
-
-    Rows x Columns (x frames) are checked against ``max_pixels`` and BitsStored against ``min_levels`` before
-    the pixel data are decoded; the stored values are checked by :func:`check_dynamic_range`.
-
-    Raises:
-        CXRReadError: not DICOM, no pixel data, too many pixels, too few gray levels, undecodable pixel data, or
-            a (nearly) constant image.
-    """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = _dicom_dataset(path, max_pixels)
-    bits = ds.get("BitsStored") or ds.get("BitsAllocated")
-    check_bit_depth(path, int(bits) if bits else None, min_levels)
-    arr = _dicom_pixels(ds, path)
     if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         logger.warning("%s: multi-frame DICOM, using the first frame", path)
         arr = arr[0]
-    check_dynamic_range(path, _gray(np.asarray(arr), path), min_range,
-                        bits=int(bits) if bits and np.asarray(arr).dtype.kind in "iu" else None)
+    elif arr.ndim == 4:  # multi-frame colour: (frames, H, W, samples)
+        logger.warning("%s: multi-frame DICOM, using the first frame", path)
+        arr = arr[0]
+    return np.asarray(arr)
+
+
+def dicom_to_image(ds, path="<DICOM dataset>", *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
+                   min_range: float = MIN_RANGE) -> np.ndarray:
+    """An already read pydicom ``Dataset`` -> float32 (H, W) in [0, 1]: Modality LUT, VOI LUT/window, MONOCHROME1
+    inverted, min-max (what :func:`read_dicom` does after reading the file).
+
+    The dataset must hold pixel data; Rows x Columns (x frames) are checked against ``max_pixels`` and
+    BitsStored against ``min_levels`` before the pixel data are decoded; of a multi-frame dataset the first
+    frame is used; the stored values are checked by :func:`check_dynamic_range`. ``path`` only names the
+    source in messages. The short side is not checked: see :func:`read_cxr_dataset`.
+
+    Raises:
+        CXRReadError: no pixel data, too many pixels, too few gray levels, undecodable pixel data, or a (nearly)
+            constant image.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    arr = _dicom_raw(ds, path, max_pixels, min_levels)
+    bits = _dicom_bits(ds)
+    check_dynamic_range(path, _gray(arr, path), min_range, bits=bits if bits and arr.dtype.kind in "iu" else None)
     a = apply_modality_lut(arr, ds)
     if "VOILUTSequence" in ds:  # a LUT maps integer inputs: index it with the rounded Modality LUT output
         a = apply_voi_lut(np.rint(a).astype(np.int64), ds)
@@ -570,6 +599,21 @@ def read_dicom(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         a = 1.0 - a
     return a
+
+
+def read_dicom(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
+               min_range: float = MIN_RANGE) -> np.ndarray:
+    """DICOM file -> float32 (H, W) in [0, 1]: Modality LUT, VOI LUT/window, MONOCHROME1 inverted.
+
+    Reads the file and hands the dataset to :func:`dicom_to_image` (checks: ``max_pixels``, ``min_levels``,
+    ``min_range``).
+
+    Raises:
+        CXRReadError: not DICOM, no pixel data, too many pixels, too few gray levels, undecodable pixel data, or
+            a (nearly) constant image.
+    """
+    return dicom_to_image(_dicom_dataset(path), path, max_pixels=max_pixels, min_levels=min_levels,
+                          min_range=min_range)
 
 
 # ------------------------------------------------------------------------------------------------ NIfTI
@@ -628,6 +672,16 @@ def _nifti_data(img, path) -> np.ndarray:
         raise CXRReadError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from e
 
 
+def _nifti_raw(path, max_pixels, min_levels: int = 0) -> np.ndarray:
+    """The NIfTI data in view orientation (:func:`nifti_to_view`): 2-D shape, ``max_pixels`` and bit depth
+    (``min_levels``; 0: no check) checked before the data are read."""
+    img = _nifti_image(path, max_pixels)
+    dtype = np.dtype(img.get_data_dtype())
+    check_bit_depth(path, 1 if dtype.kind == "b" else (8 * dtype.itemsize if dtype.kind in "iu" else None),
+                    min_levels)
+    return nifti_to_view(_nifti_data(img, path), img.affine, path)
+
+
 def read_nifti(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
                min_range: float = MIN_RANGE) -> np.ndarray:
     """NIfTI -> float32 (H, W) in [0, 1], oriented by its affine and transposed to (row, col): :func:`nifti_to_view`.
@@ -638,15 +692,11 @@ def read_nifti(path, *, max_pixels=MAX_PIXELS, min_levels: int = MIN_LEVELS,
     Raises:
         CXRReadError: not NIfTI, not 2-D, too many pixels, too few gray levels, or a (nearly) constant image.
     """
-    img = _nifti_image(path, max_pixels)
-    dtype = np.dtype(img.get_data_dtype())
-    check_bit_depth(path, 1 if dtype.kind == "b" else (8 * dtype.itemsize if dtype.kind in "iu" else None),
-                    min_levels)
-    a = nifti_to_view(_nifti_data(img, path), img.affine, path)
+    a = _nifti_raw(path, max_pixels, min_levels)
     if a.dtype.kind == "b":
         a = a.astype(np.uint8)
-    check_dynamic_range(path, a, min_range, bits=8 * a.dtype.itemsize if a.dtype.kind in "iu" else None)
-    return _minmax(a, path)
+    lo_hi = check_dynamic_range(path, a, min_range, bits=8 * a.dtype.itemsize if a.dtype.kind in "iu" else None)
+    return _minmax(a, path, lo_hi)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -678,6 +728,37 @@ def read_cxr(path, *, max_pixels=MAX_PIXELS, min_size: int = MIN_SIZE, min_level
     return img
 
 
+def read_cxr_dataset(ds, path="<DICOM dataset>", *, max_pixels=MAX_PIXELS, min_size: int = MIN_SIZE,
+                     min_levels: int = MIN_LEVELS, min_range: float = MIN_RANGE) -> np.ndarray:
+    """:func:`read_cxr` for an already read pydicom ``Dataset``: :func:`dicom_to_image` and the same checks
+    (parameters as :func:`read_cxr`, ``min_size`` included); ``path`` only names the source in messages.
+
+    Raises:
+        CXRReadError: the dataset fails a check (the message names ``path`` and the reason).
+        ValueError: a parameter is out of range.
+    """
+    check_limits(max_pixels, min_size, min_levels, min_range)
+    img = dicom_to_image(ds, path, max_pixels=max_pixels, min_levels=min_levels, min_range=min_range)
+    check_min_size(path, img.shape, min_size)
+    return img
+
+
+def read_raw(path, fmt: str | None = None, *, max_pixels=MAX_PIXELS) -> np.ndarray:
+    """The pixels of an image file as stored (no scaling, no gray-level or contrast checks): raster files
+    EXIF-turned, NIfTI in view orientation, DICOM its first frame. ``fmt``: :func:`image_format` (found when
+    None). The header checks (``max_pixels``, truncation, pixel data) apply.
+
+    Raises:
+        CXRReadError: the file cannot be read, is truncated or has more than ``max_pixels`` pixels.
+    """
+    fmt = image_format(path) if fmt is None else fmt
+    if fmt == "raster":
+        return _raster_raw(path, max_pixels)
+    if fmt == "nifti":
+        return _nifti_raw(path, max_pixels)
+    return _dicom_raw(_dicom_dataset(path), path, max_pixels)
+
+
 def resize(img: np.ndarray, size: int | Sequence[int], nearest: bool = False) -> np.ndarray:
     """Resize a 2-D array to ``size`` (int = square, or (H, W)); area interpolation unless ``nearest``."""
     h, w = (size, size) if np.isscalar(size) else tuple(size)
@@ -690,8 +771,7 @@ def resize(img: np.ndarray, size: int | Sequence[int], nearest: bool = False) ->
 def check_size(size) -> int | tuple[int, int]:
     """Validate an image size: an int >= 8 or a (height, width) pair of such ints."""
     def is_px(s) -> bool:
-        return isinstance(s, (int, np.integer, float, np.floating)) and not isinstance(s, bool) \
-            and float(s).is_integer() and s >= 8
+        return is_number(s) and float(s).is_integer() and s >= 8
 
     ok = is_px(size) or (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_px, size)))
     if not ok:
@@ -725,18 +805,11 @@ def load_mask(path, size: int | Sequence[int] | None = 256, *, max_pixels=MAX_PI
     """
     check_limits(max_pixels)
     path = check_file(path, "mask")
-    fmt = image_format(path)
-    if fmt == "raster":
-        header = raster_header(path, max_pixels)
-        check_complete(path)
-        a = _decode_raster(path, header)
-        a = a.max(axis=-1) if a.ndim == 3 else a
-    elif fmt == "nifti":
-        img = _nifti_image(path, max_pixels)
-        a = nifti_to_view(_nifti_data(img, path), img.affine, path)
-    else:
-        a = _dicom_pixels(_dicom_dataset(path, max_pixels), path)
-    m = (np.asarray(a) > 0).astype(np.float32)
+    a = read_raw(path, max_pixels=max_pixels)
+    a = a.max(axis=-1) if a.ndim == 3 else a  # colour / gray + alpha: any nonzero channel
+    if a.ndim != 2:
+        raise CXRReadError(path, f"expected a 2-D mask, got array of shape {a.shape}")
+    m = (a > 0).astype(np.float32)
     return m if size is None else resize(m, size, nearest=True)
 
 

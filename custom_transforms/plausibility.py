@@ -29,8 +29,8 @@ PBTSeg lung labels (0 background, 1 right lung = image left, 2 left lung = image
     > 0.03), or no left-right mirror symmetry about that column (correlation of the two blurred halves
     below ``min_symmetry``; frontal radiographs: > 0.4). Lateral views and images turned by 90 degrees
     fail the last two.
-``size`` (:func:`size_reasons`)
-    the image in the file is smaller than ``min_native_size`` px a side (when the caller knows it).
+
+Images too small in their file are refused by the reader before this gate (``custom_transforms.io.MIN_SIZE``).
 
 The PBTSeg-based rules are loose on purpose (PBTSeg misses or misplaces a lung on some real images,
 children's in particular); the image-based ones (polarity, spine column, symmetry) carry most of the
@@ -63,9 +63,9 @@ from monai.transforms import MapTransform
 from monai.utils import ensure_tuple, ensure_tuple_rep
 
 from custom_transforms.lung.base import LEFT, RIGHT
-from custom_transforms.utils import as_2d
+from custom_transforms.utils import as_2d, is_number
 
-__all__ = ["PlausibilityThresholds", "DEFAULT_THRESHOLDS", "measure", "size_reasons", "texture_reasons", "lung_reasons",
+__all__ = ["PlausibilityThresholds", "DEFAULT_THRESHOLDS", "measure", "texture_reasons", "lung_reasons",
            "inversion_reasons", "frontal_reasons", "plausibility_reasons", "Plausibilityd", "REASON_SEP"]
 
 REASON_SEP = "; "
@@ -87,12 +87,11 @@ class PlausibilityThresholds:
     min_lung_ratio: float = 0.05  # smaller / larger lung area
     min_symmetry: float = 0.2  # mirror correlation about the spine column
     min_spine_peak: float = 0.015  # spine column minus the brighter lateral band (blurred, rows 20 %..70 %)
-    min_native_size: int = 32  # px, shorter side of the file's image (before resizing), when known
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+            if not (is_number(v) and np.isfinite(v)):
                 raise ValueError(f"plausibility threshold {f.name} must be a finite number, got {v!r}")
 
 
@@ -148,12 +147,14 @@ def measure(image, labels=None) -> dict:
     u = _image(image)
     H, W = u.shape
     m: dict[str, float] = {}
-    lo, hi = np.percentile(u, [1, 99])
-    m["range"] = float(hi - lo)
+    counts = np.bincount(np.clip(np.rint(u * 255), 0, 255).astype(np.int64).ravel(), minlength=256)
+    cdf = np.cumsum(counts)  # p1 / p99 by nearest rank on the 8-bit histogram (no full sort)
+    lo, hi = np.searchsorted(cdf, [0.01 * cdf[-1], 0.99 * cdf[-1]])
+    m["range"] = float(hi - lo) / 255.0
     var = float(u.var())
     hf = u - cv2.GaussianBlur(u, (0, 0), 1.0)  # pixel-scale detail: noise lives here, anatomy does not
     m["high_freq"] = float((hf * hf).mean() / var) if var > 0 else 0.0
-    hist = np.bincount(np.clip(np.rint(u * 255), 0, 255).astype(np.int64).ravel(), minlength=256) / u.size
+    hist = counts / u.size
     p = hist[hist > 0]
     m["entropy"] = float(-(p * np.log2(p)).sum())
     # polarity: centre column vs lateral lung bands (rows 20 %..70 %), and the dark tail of the histogram
@@ -189,15 +190,14 @@ def measure(image, labels=None) -> dict:
     m["lung_mean"] = float(u[lungs].mean())
     # mediastinum: per row with both lungs, the central half of the gap between them
     both = np.flatnonzero(right.any(axis=1) & left.any(axis=1))
+    a = W - 1 - np.argmax(right[both, ::-1], axis=1)  # last right-lung column of each row
+    z = np.argmax(left[both], axis=1)  # first left-lung column
+    keep = z - a > 2
+    q = (z - a)[keep] // 4
+    start, stop = (a[keep] + 1 + q)[:, None], (z[keep] - q)[:, None]
     cols = np.arange(W)
-    gap_vals = []
-    for y in both:
-        a = int(cols[right[y]].max())
-        z = int(cols[left[y]].min())
-        if z - a > 2:
-            q = (z - a) // 4
-            gap_vals.append(u[y, a + 1 + q:z - q])
-    m["mediastinum_mean"] = float(np.concatenate(gap_vals).mean()) if gap_vals else nan
+    gap = u[both[keep]][(cols >= start) & (cols < stop)]
+    m["mediastinum_mean"] = float(gap.mean()) if gap.size else nan
     ys, xs = np.nonzero(lungs)
     pad = (xs.max() - xs.min()) // 10
     box = np.zeros_like(lungs)
@@ -272,33 +272,20 @@ def frontal_reasons(m: Mapping, t: PlausibilityThresholds = DEFAULT_THRESHOLDS) 
     return ["not like a frontal chest radiograph: " + ", ".join(why)] if why else []
 
 
-def size_reasons(native_shape, t: PlausibilityThresholds = DEFAULT_THRESHOLDS) -> list[str]:
-    """Too small a file image (``native_shape``: its (H, W) before resizing; None: unknown, no reason)."""
-    if native_shape is None:
-        return []
-    shape = [int(v) for v in np.asarray(native_shape).reshape(-1)[-2:]]
-    if min(shape) < t.min_native_size:
-        return [f"low resolution: {shape[1]} x {shape[0]} px in the file (< {t.min_native_size:g} px a side)"]
-    return []
-
-
-def plausibility_reasons(image, labels=None, thresholds: PlausibilityThresholds | None = None,
-                         native_shape=None) -> list[str]:
+def plausibility_reasons(image, labels=None, thresholds: PlausibilityThresholds | None = None) -> list[str]:
     """All reasons why ``image`` (with its PBTSeg ``labels``) does not look like a frontal chest radiograph.
 
     Args:
         image: ``(H, W)`` or ``(1, H, W)`` in [0, 1] (numpy, tensor or MetaTensor).
         labels: PBTSeg labels of the same shape; None skips the lung checks.
         thresholds: :class:`PlausibilityThresholds` (default :data:`DEFAULT_THRESHOLDS`).
-        native_shape: the image's (H, W) in its file, before resizing (None: not checked).
 
     Returns:
         A list of human-readable reasons, empty when the image looks plausible.
     """
     t = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     m = measure(image, labels)
-    return (size_reasons(native_shape, t) + texture_reasons(m, t) + lung_reasons(m, t) + inversion_reasons(m, t)
-            + frontal_reasons(m, t))
+    return texture_reasons(m, t) + lung_reasons(m, t) + inversion_reasons(m, t) + frontal_reasons(m, t)
 
 
 class Plausibilityd(MapTransform):
@@ -339,7 +326,5 @@ class Plausibilityd(MapTransform):
                 raise KeyError(f"Plausibilityd: lung key '{lung_key}' not found (run PBTSegd before it, or set "
                                f"lung_key=None); available keys: {sorted(map(str, d))}")
             labels = d[lung_key] if lung_key is not None else None
-            meta = getattr(d[key], "meta", None) or {}
-            native = meta.get("original_spatial_shape")  # set by LoadCXRd: the size in the file
-            d[flags_key] = REASON_SEP.join(plausibility_reasons(d[key], labels, self.thresholds, native))
+            d[flags_key] = REASON_SEP.join(plausibility_reasons(d[key], labels, self.thresholds))
         return d

@@ -15,10 +15,15 @@ import math
 import numpy as np
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
-__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "check_flag", "cli_flag", "like", "per_image", "range_pair",
-           "source_name"]
+__all__ = ["MIN_SIZE", "Choice", "as_2d", "as_image2d", "check_flag", "cli_flag", "is_number", "like", "per_image",
+           "range_pair", "source_name"]
 
 MIN_SIZE = 16  # smallest accepted image side (px) for segmentation and synthesis
+
+
+def is_number(v) -> bool:
+    """Whether ``v`` is a real number (Python or numpy int/float) and not a bool."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 def as_2d(x, name: str = "image") -> np.ndarray:

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from custom_transforms.utils import is_number
+
 __all__ = ["local_loss", "global_loss", "feature_alignment_loss", "soft_anomaly_mask", "soft_dice_loss",
            "ARTASynLoss"]
 
@@ -103,7 +105,7 @@ def soft_dice_loss(recon: torch.Tensor, synthetic: torch.Tensor, mask: torch.Ten
 
 
 def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return is_number(x) and math.isfinite(x)
 
 
 class ARTASynLoss(torch.nn.Module):

@@ -56,7 +56,6 @@ right); all zeros when no lung is found (the MONAI wrapper then raises, warns or
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -247,15 +246,7 @@ def quantile_thresholds(u: np.ndarray, lo: float = 0.02, hi: float = 0.65, n: in
     counts = cv2.calcHist([u], [0], None, [256], [0, 256]).ravel() if u.size < 2**24 else np.bincount(
         u.ravel(), minlength=256)  # float32 histogram counts are exact below 2**24 px
     cdf = np.cumsum(counts.astype(np.int64)) / u.size
-    return np.unique(np.searchsorted(cdf, _levels(lo, hi, n)))
-
-
-@functools.lru_cache(maxsize=16)
-def _levels(lo: float, hi: float, n: int) -> np.ndarray:
-    """``np.linspace(lo, hi, n)``, read-only and cached."""
-    levels = np.linspace(lo, hi, n)
-    levels.setflags(write=False)
-    return levels
+    return np.unique(np.searchsorted(cdf, np.linspace(lo, hi, n)))
 
 
 def _search(u, thresholds, mid, crit: Criteria, sides, best, half: bool = False):

@@ -34,7 +34,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from scripts.data.datasets import list_images
+from scripts.data.datasets import evenly_spaced, list_images
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,14 @@ def plan_chexpert(src: Path) -> Plan:
     return plan
 
 
-def plan_zhanglab(src: Path) -> Plan:
-    """ZhangLab/Kermany: NORMAL and PNEUMONIA folders of train/ and test/."""
-    if (src / "chest_xray").is_dir() and not (src / "train").is_dir():
-        src = src / "chest_xray"
+def _zhanglab_root(src: Path) -> Path:
+    return src / "chest_xray" if (src / "chest_xray").is_dir() and not (src / "train").is_dir() else src
+
+
+def plan_zhanglab(src: Path, unlabelled: int = 0, anomaly_ratio: float = 0.6) -> Plan:
+    """ZhangLab/Kermany: NORMAL and PNEUMONIA folders of train/ and test/, plus the ``train/unlabelled`` sample of
+    ``unlabelled`` images (:func:`plan_unlabelled`; 0: none)."""
+    src = _zhanglab_root(src)
     plan: Plan = []
     folders = (("train", "train/NORMAL", "healthy", 0), ("test", "test/NORMAL", "healthy", 0),
                ("test", "test/PNEUMONIA", "diseased", 1))
@@ -93,7 +97,7 @@ def plan_zhanglab(src: Path) -> Plan:
             raise FileNotFoundError(f"ZhangLab: folder '{src / folder}' not found (point --src at chest_xray/)")
     for split, folder, sub, label in present:
         plan += [(p, f"{split}/{sub}/{p.name}", label, split, None) for p in list_images(src / folder)]
-    return plan
+    return plan + (plan_unlabelled(src, unlabelled, anomaly_ratio) if unlabelled else [])
 
 
 def plan_qata(src: Path) -> Plan:
@@ -112,13 +116,6 @@ def plan_qata(src: Path) -> Plan:
     return plan
 
 
-def _evenly(items: list, n: int) -> list:
-    """``n`` items of ``items`` (sorted by the caller) at evenly spaced positions; all of them when fewer."""
-    if n >= len(items):
-        return list(items)
-    return [items[int(i * len(items) / n)] for i in range(n)]
-
-
 def plan_unlabelled(src: Path, n: int = 1000, anomaly_ratio: float = 0.6) -> Plan:
     """ZhangLab's unlabelled pool: ``n`` training images, ``anomaly_ratio`` of them from train/PNEUMONIA.
 
@@ -131,13 +128,13 @@ def plan_unlabelled(src: Path, n: int = 1000, anomaly_ratio: float = 0.6) -> Pla
     """
     if not 0.0 <= anomaly_ratio <= 1.0 or n < 0:
         raise ValueError(f"need n >= 0 and 0 <= anomaly_ratio <= 1, got n={n}, anomaly_ratio={anomaly_ratio}")
-    if (src / "chest_xray").is_dir() and not (src / "train").is_dir():
-        src = src / "chest_xray"
+    src = _zhanglab_root(src)
     n_sick = round(n * anomaly_ratio)
     picks = []
     for folder, count in (("train/PNEUMONIA", n_sick), ("train/NORMAL", n - n_sick)):
         if count and (src / folder).is_dir():
-            picks += _evenly(list_images(src / folder), count)
+            images = list_images(src / folder)
+            picks += [images[i] for i in evenly_spaced(len(images), count)]
     return [(p, f"train/unlabelled/{p.name}", -1, "unlabelled", None) for p in picks]
 
 
@@ -168,9 +165,7 @@ def convert(dataset: str, src, out, mode: str = "symlink", dry_run: bool = False
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(PLANNERS)}")
     if mode not in ("symlink", "copy", "csv"):
         raise ValueError(f"mode must be symlink, copy or csv, got {mode!r}")
-    plan = PLANNERS[dataset](src)
-    if dataset == "zhanglab" and unlabelled:
-        plan += plan_unlabelled(src, unlabelled, anomaly_ratio)
+    plan = plan_zhanglab(src, unlabelled, anomaly_ratio) if dataset == "zhanglab" else PLANNERS[dataset](src)
     missing = [p for p, *_ in plan if not p.is_file()]
     if missing:
         logger.warning("%d listed images are missing on disk and are skipped (first: %s)", len(missing), missing[0])

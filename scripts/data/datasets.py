@@ -25,7 +25,7 @@ import logging
 import os
 from pathlib import Path
 
-from custom_transforms.io import IMAGE_SUFFIXES, has_dicom_preamble
+from custom_transforms.io import IMAGE_SUFFIXES, CXRReadError, image_format
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ def _skip_reason(p: Path) -> str | None:
         return f"broken symbolic link (its target '{target}' does not exist)"
     if not p.is_file():
         return "not a regular file"
-    if low.endswith(IMAGE_SUFFIXES):
-        return None
     try:
-        if has_dicom_preamble(p):
-            return None
+        image_format(p)  # a known suffix, or the DICOM preamble
+        return None
     except OSError as e:
         return f"cannot be read ({type(e).__name__}: {e})"
+    except CXRReadError:
+        pass
     suffix = "".join(p.suffixes[-2:]) if low.endswith(".gz") else p.suffix
     if not suffix:
         return "no image suffix and no DICOM preamble ('DICM' at byte 128)"
@@ -187,7 +187,7 @@ def discover_folder(root, split: str = "train") -> list[dict]:
             raise FileNotFoundError(f"dataset folder '{root}' has no '{sub}' folder (needed for split '{split}')")
         for p in list_images(folder):
             item = {"image": str(p), "label": label, "split": split, "name": p.name}
-            mask = _mask_for(root, sub, p) if label else None
+            mask = _mask_for(root, sub, p) if label == 1 else None
             if mask is not None:
                 item["gt_mask"] = mask
             items.append(item)
@@ -290,6 +290,14 @@ def discover_unlabelled(source) -> list[dict]:
     return items
 
 
+def evenly_spaced(n_items: int, n: int) -> list[int]:
+    """``n`` indices into ``n_items`` sorted items at evenly spaced positions (from 0); all of them when fewer."""
+    if n >= n_items:
+        return list(range(n_items))
+    step = n_items / n
+    return [int(i * step) for i in range(n)]
+
+
 def split_holdout(items: list[dict], fraction: float = 0.1, minimum: int = 1) -> tuple[list[dict], list[dict]]:
     """Deterministic (train, holdout) split: every k-th item by sorted name goes to the hold-out set."""
     if not 0.0 < fraction < 1.0:
@@ -297,8 +305,7 @@ def split_holdout(items: list[dict], fraction: float = 0.1, minimum: int = 1) ->
     if len(items) < 2:
         raise ValueError(f"need at least 2 images to hold some out for validation, got {len(items)}")
     n_hold = min(len(items) - 1, max(minimum, round(len(items) * fraction)))
-    step = len(items) / n_hold
-    hold_idx = {int(i * step) for i in range(n_hold)}
+    hold_idx = set(evenly_spaced(len(items), n_hold))
     train = [it for i, it in enumerate(items) if i not in hold_idx]
     hold = [it for i, it in enumerate(items) if i in hold_idx]
     return train, hold

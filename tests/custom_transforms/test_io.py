@@ -7,7 +7,16 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom_transforms.io import CXRReadError, LoadCXRd, load_cxr, load_mask, read_cxr, save_png
+from custom_transforms.io import (
+    CXRReadError,
+    LoadCXRd,
+    dicom_to_image,
+    load_cxr,
+    load_mask,
+    read_cxr,
+    read_cxr_dataset,
+    save_png,
+)
 from tests.helpers import write_dicom
 
 
@@ -153,3 +162,38 @@ def test_load_mask_and_save_png_roundtrip(tmp_path):
     save_png(tmp_path / "out" / "m.png", m)
     assert not list((tmp_path / "out").glob(".*tmp*"))
     np.testing.assert_array_equal(load_mask(tmp_path / "out" / "m.png", size=None), m)
+
+
+def test_load_mask_two_frame_dicom_uses_first_frame(tmp_path):
+    import pydicom
+
+    m0 = np.zeros((40, 48), np.uint16)
+    m0[5:10, 5:30] = 1
+    m1 = np.ones((40, 48), np.uint16)
+    write_dicom(tmp_path / "m.dcm", m0)
+    ds = pydicom.dcmread(str(tmp_path / "m.dcm"))
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([m0, m1]).tobytes()
+    ds.save_as(str(tmp_path / "m2.dcm"))
+    np.testing.assert_array_equal(load_mask(tmp_path / "m2.dcm", size=None), m0.astype(np.float32))
+    out = load_mask(tmp_path / "m2.dcm", size=20)
+    assert out.shape == (20, 20) and set(np.unique(out)) <= {0.0, 1.0}
+
+
+def test_read_cxr_dataset_matches_file_and_checks(tmp_path):
+    import pydicom
+
+    a = asymmetric().astype(np.uint16) * 16
+    write_dicom(tmp_path / "x.dcm", a, slope=2.0, intercept=-100, photometric="MONOCHROME1")
+    ds = pydicom.dcmread(str(tmp_path / "x.dcm"))
+    ref = read_cxr(tmp_path / "x.dcm")
+    out = read_cxr_dataset(ds, "from-memory")
+    assert out.dtype == ref.dtype and np.array_equal(out, ref)
+    assert np.array_equal(dicom_to_image(ds, "from-memory"), ref)
+    with pytest.raises(CXRReadError, match="from-memory.*too small"):
+        read_cxr_dataset(ds, "from-memory", min_size=100)
+    with pytest.raises(CXRReadError, match="exceeds the limit"):
+        dicom_to_image(ds, "from-memory", max_pixels=100)
+    del ds.PixelData
+    with pytest.raises(CXRReadError, match="no pixel data"):
+        dicom_to_image(ds, "from-memory")

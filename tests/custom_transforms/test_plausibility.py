@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,6 @@ from custom_transforms.plausibility import (
     lung_reasons,
     measure,
     plausibility_reasons,
-    size_reasons,
 )
 from tests.helpers import REAL_CXR
 
@@ -144,11 +145,11 @@ def test_binary_image_has_too_few_grey_levels():
     assert any(r.startswith("too few grey levels") for r in reasons), reasons
 
 
-def test_low_native_resolution():
-    assert size_reasons(None) == [] and size_reasons((512, 512)) == []
-    (reason,) = size_reasons((8, 12))
-    assert reason == "low resolution: 12 x 8 px in the file (< 32 px a side)"
-    assert plausibility_reasons(phantom(0), native_shape=(8, 8))[0].startswith("low resolution")
+def test_native_resolution_is_left_to_the_reader():
+    # images too small in their file are refused by the reader (custom_transforms.io.MIN_SIZE), not flagged here
+    assert "min_native_size" not in {f.name for f in fields(PlausibilityThresholds)}
+    with pytest.raises(ValueError, match="unknown plausibility threshold"):
+        Plausibilityd(thresholds={"min_native_size": 16})
 
 
 def test_thresholds_are_validated_and_applied():
@@ -184,10 +185,9 @@ def test_plausibilityd_writes_a_string_and_leaves_the_image_alone():
 def test_plausibilityd_options():
     img = phantom(1, size=128)
     d = {"image": MetaTensor(torch.from_numpy(img)[None], meta={"original_spatial_shape": (20, 20)})}
-    assert Plausibilityd(lung_key=None)(d)["flags"].startswith("low resolution: 20 x 20 px")
     with pytest.raises(KeyError, match="lung key 'lung' not found"):
         Plausibilityd()(d)
-    assert Plausibilityd(lung_key=None, thresholds={"min_native_size": 16})(d)["flags"] == ""
+    assert Plausibilityd(lung_key=None)(d)["flags"] == ""  # the file size in the metadata is the reader's check
     with pytest.raises(ValueError, match="unknown plausibility threshold"):
         Plausibilityd(thresholds={"min_symetry": 0.1})
     plain = {"image": img[None], "lung": pbtseg(img)[None]}  # numpy without metadata works too
