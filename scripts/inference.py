@@ -58,6 +58,7 @@ from monai.utils import convert_to_numpy
 
 from custom_transforms.io import IMAGE_SUFFIXES, atomic_write_bytes, save_png, write_json
 from custom_transforms.utils import as_2d, cli_flag
+from scripts.data.datasets import _QUIET_REASONS as QUIET_REASONS  # rows, but logged at DEBUG only
 from scripts.data.datasets import scan_folder
 from scripts.robust import failure_reason as describe_error
 from scripts.visualization import overlay
@@ -67,7 +68,6 @@ logger = logging.getLogger(__name__)
 STATUSES = ("ok", "flagged", "skipped")
 COLUMNS = ("file", "output", "score", "mask_fraction", "status", "reason")
 SKIPPED_KEY = "_skipped"  # batch key of the records of items whose preprocessing failed
-QUIET_REASONS = ("hidden file", "hidden folder", "temporary file")  # rows, but logged at DEBUG only
 
 
 class NoReadableImageError(RuntimeError):
@@ -102,11 +102,22 @@ def output_stem(src: str, taken: set[str]) -> str:
     return candidate
 
 
+MAP_SUFFIXES = {"nifti": ".nii.gz", "png": ".png"}
+
+
+def _own_suffixes(maps: str) -> tuple[str, ...]:
+    ext = MAP_SUFFIXES[maps]
+    return ("_overlay.png", f"_amap{ext}", f"_mask{ext}")
+
+
+# every name ending of the files InferenceWriter writes per image (either maps format)
+OWN_OUTPUTS = tuple(dict.fromkeys(s for m in MAP_SUFFIXES for s in _own_suffixes(m)))
+
+
 def output_files(output_dir, stem: str, maps: str = "nifti") -> list[Path]:
     """The files :class:`InferenceWriter` writes for one image."""
-    ext = ".nii.gz" if maps == "nifti" else ".png"
     out = Path(output_dir)
-    return [out / f"{stem}_overlay.png", out / f"{stem}_amap{ext}", out / f"{stem}_mask{ext}"]
+    return [out / f"{stem}{suffix}" for suffix in _own_suffixes(maps)]
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -118,9 +129,6 @@ def _inside(path: Path, folder: Path | None) -> bool:
         return path.resolve() == folder or folder in path.resolve().parents
     except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
         return False
-
-
-OWN_OUTPUTS = ("_overlay.png", "_amap.nii.gz", "_mask.nii.gz", "_amap.png", "_mask.png")
 
 
 def scan_inputs(dataset_dir, recursive: bool = False, exclude=None) -> tuple[list[str], list[tuple[str, str]]]:
@@ -198,8 +206,9 @@ class InferenceInputs:
     def __init__(self, dataset_dir, output_dir, recursive=False, overwrite=False, maps: str = "nifti"):
         self.dataset_dir, self.output_dir = str(dataset_dir), Path(output_dir)
         self.recursive, self.overwrite = cli_flag(recursive, "recursive"), cli_flag(overwrite, "overwrite")
-        if maps not in ("nifti", "png"):
+        if maps not in MAP_SUFFIXES:
             raise ValueError(f"maps must be 'nifti' or 'png', got {maps!r}")
+        self.maps = maps
         self.images, others = scan_inputs(dataset_dir, self.recursive, exclude=self.output_dir)
         self.not_images = dict(others)
         self.files = sorted(set(self.images) | set(self.not_images))
@@ -226,8 +235,8 @@ class InferenceInputs:
 class SkippingDataset(Dataset):
     """A MONAI ``Dataset`` whose items never raise: a failing item becomes a skipped record.
 
-    The record is ``{SKIPPED_KEY: True, "file": path, "reason": one line}`` (``path`` from ``d["file"]`` or
-    ``d[image_key]``); :func:`collate_with_skipped` keeps such records out of the collated batch.
+    The record is ``{SKIPPED_KEY: True, "file": path, "reason": one line}`` (``path``: ``d[image_key]``);
+    :func:`collate_with_skipped` keeps such records out of the collated batch.
     ``Exception`` only: ``KeyboardInterrupt`` still stops the run.
     """
 
@@ -240,7 +249,7 @@ class SkippingDataset(Dataset):
             return super()._transform(index)
         except Exception as e:
             item = self.data[index]
-            src = item.get("file", item.get(self.image_key)) if isinstance(item, Mapping) else item
+            src = item.get(self.image_key) if isinstance(item, Mapping) else item
             return {SKIPPED_KEY: True, "file": str(src), "reason": describe_error(e)}
 
 
@@ -289,29 +298,25 @@ def _csv_value(v) -> str:
 class InferenceWriter:
     """Write heatmaps, masks, overlays and one ``scores.csv`` row per file (see the module docstring).
 
+    The config's ``run`` drives it: :meth:`start`, the evaluator (which does not run when every image was
+    scored before), :meth:`finish`; :meth:`attach` adds only the per-batch writing and the error handling.
+
     Args:
-        output_dir: the output folder.
-        maps: ``"nifti"`` or ``"png"`` for the anomaly map and mask files.
+        inputs: the run's :class:`InferenceInputs`: the output folder and maps format, the rows of non-image
+            files and of earlier runs, and every image's output stem.
         score_threshold: adds ``above_threshold`` (score > threshold, 0/1) to the rows when set.
-        inputs: the run's :class:`InferenceInputs` (rows of non-image files and of earlier runs, stems);
-            without it only the images the evaluator sees get rows, named on the fly.
         flags_key: the batch key of the plausibility reasons (``custom_transforms.plausibility``).
     """
 
-    def __init__(self, output_dir, maps: str = "nifti", score_threshold: float | None = None,
-                 inputs: InferenceInputs | None = None, flags_key: str = "flags"):
-        if maps not in ("nifti", "png"):
-            raise ValueError(f"maps must be 'nifti' or 'png', got {maps!r}")
+    def __init__(self, inputs: InferenceInputs, score_threshold: float | None = None, flags_key: str = "flags"):
         if score_threshold is not None and _float_or_none(score_threshold) is None:
             raise ValueError(f"score_threshold must be a finite number or null, got {score_threshold!r}")
-        self.output_dir, self.maps = Path(output_dir), maps
-        self.score_threshold = None if score_threshold is None else float(score_threshold)
         self.inputs, self.flags_key = inputs, flags_key
+        self.output_dir, self.maps = inputs.output_dir, inputs.maps
+        self.score_threshold = None if score_threshold is None else float(score_threshold)
         self.columns = list(COLUMNS) + (["above_threshold"] if self.score_threshold is not None else [])
         self._rows: dict[str, dict] = {}
         self._order: dict[str, int] = {}
-        self._stems: set[str] = set()
-        self._started = self._finished = False
 
     # -- rows
     @property
@@ -328,38 +333,23 @@ class InferenceWriter:
             row["above_threshold"] = None if score is None else int(score > self.score_threshold)
         return row
 
-    def _stem(self, src: str) -> str:
-        if self.inputs is not None and src in self.inputs.stems:
-            stem = self.inputs.stems[src]
-            self._stems.add(stem)
-            return stem
-        return output_stem(src, self._stems)
-
     # -- engine events
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_items)
-        engine.add_event_handler(Events.COMPLETED, self.finish)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
-    def start(self, engine: Engine | None = None) -> None:
+    def start(self) -> None:
         """Reset; take the rows known before running (files that are no images, earlier runs); write them."""
         self._rows.clear()
-        self._stems.clear()
-        self._order.clear()
-        self._finished = False
-        self._started = True
-        if self.inputs is not None:
-            self._order.update({f: i for i, f in enumerate(self.inputs.files)})
-            self._stems.update(self.inputs.stems.values())
-            for f, reason in self.inputs.not_images.items():
-                self._rows[f] = self._row(f, status="skipped", reason=reason)
-                level = logging.DEBUG if reason in QUIET_REASONS else logging.WARNING
-                logger.log(level, "inference: skipped '%s': %s", f, reason)
-            for f, r in self.inputs.previous.items():
-                score = _float_or_none(r.get("score"))
-                self._rows[f] = self._row(f, r["output"], score, _float_or_none(r.get("mask_fraction")),
-                                          r["status"], r.get("reason") or "")
+        self._order = {f: i for i, f in enumerate(self.inputs.files)}
+        for f, reason in self.inputs.not_images.items():
+            self._rows[f] = self._row(f, status="skipped", reason=reason)
+            level = logging.DEBUG if reason in QUIET_REASONS else logging.WARNING
+            logger.log(level, "inference: skipped '%s': %s", f, reason)
+        for f, r in self.inputs.previous.items():
+            score = _float_or_none(r.get("score"))
+            self._rows[f] = self._row(f, r["output"], score, _float_or_none(r.get("mask_fraction")),
+                                      r["status"], r.get("reason") or "")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._write_csv()
 
@@ -367,8 +357,6 @@ class InferenceWriter:
         """Write the outputs of one batch and append its rows (skipped files included) to ``scores.csv``."""
         from monai.data import decollate_batch
 
-        if not self._started:
-            self.start(engine)
         new = []
         for rec in getattr(engine.state, "skipped", None) or []:
             new.append(self._row(rec["file"], status="skipped", reason=rec["reason"]))
@@ -386,10 +374,9 @@ class InferenceWriter:
 
     def _write_one(self, b: Mapping, item: Mapping) -> dict:
         # the output's "image" is the bare network input (prepare_batch drops the metadata):
-        # the file name is on the batch item ("file") or its MetaTensor
-        meta = getattr(b.get("image"), "meta", None) or {}
-        src = str(b.get("file") or meta.get("filename_or_obj") or f"image_{len(self._rows):05d}")
-        stem = self._stem(src)
+        # the file name is on the batch item's MetaTensor (set by LoadCXRd)
+        src = str(b["image"].meta["filename_or_obj"])
+        stem = self.inputs.stems[src]
         img, amap, mask = (as_2d(item[k]).astype(np.float32) for k in ("image", "amap", "pred_mask"))
         overlay_path, amap_path, mask_path = output_files(self.output_dir, stem, self.maps)
         save_png(overlay_path, overlay(img, amap, mask))
@@ -400,8 +387,7 @@ class InferenceWriter:
             save_png(amap_path, np.clip(amap, 0, 1))
             save_png(mask_path, mask)
         score = float(convert_to_numpy(item["score"]).reshape(-1)[0])
-        flags = b.get(self.flags_key) or ""
-        flags = flags if isinstance(flags, str) else "; ".join(map(str, flags))
+        flags = b.get(self.flags_key) or ""  # a string (Plausibilityd); absent when the gate is off
         return self._row(src, stem, score, float(mask.mean()), "flagged" if flags else "ok", flags)
 
     # -- files
@@ -428,7 +414,7 @@ class InferenceWriter:
             f.flush()
             os.fsync(f.fileno())
 
-    def write_scores(self, engine: Engine | None = None) -> None:
+    def write_scores(self) -> None:
         """Rewrite ``scores.csv`` and ``scores.json`` atomically, in listing order."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._write_csv()
@@ -439,22 +425,13 @@ class InferenceWriter:
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         return {"n": len(rows), **counts}
 
-    def finish(self, engine: Engine | None = None) -> None:
-        """Final files and the summary line; raises when files were found but none could be read.
-
-        Also called by the config's ``run`` after the evaluator (which does not start when every image was
-        scored before); a second call in the same run does nothing.
-        """
-        if self._finished:
-            return
-        if not self._started:
-            self.start(engine)
-        self._finished = True
+    def finish(self) -> None:
+        """Final files and the summary line; raises when files were found but none could be read."""
         self.write_scores()
         s = self.summary()
         print(f"inference: {s['n']} images: {s['ok']} ok, {s['flagged']} flagged, {s['skipped']} skipped "
               f"-> {self.output_dir}", flush=True)
-        where = self.inputs.dataset_dir if self.inputs is not None else "the input"
+        where = self.inputs.dataset_dir
         if s["n"] == 0:
             raise NoReadableImageError(f"inference: no files found in '{where}'")
         if s["ok"] + s["flagged"] == 0:
@@ -465,9 +442,8 @@ class InferenceWriter:
 
     def _on_exception(self, engine: Engine, e: BaseException) -> None:
         """Keep the finished rows in order (best effort), then let the error through."""
-        if not isinstance(e, NoReadableImageError) and self._started:
-            try:
-                self.write_scores()
-            except Exception:  # the original error matters more
-                logger.exception("inference: could not rewrite the scores after an error")
+        try:
+            self.write_scores()
+        except Exception:  # the original error matters more
+            logger.exception("inference: could not rewrite the scores after an error")
         raise e
