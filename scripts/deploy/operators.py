@@ -5,8 +5,9 @@ with CR/DX rules) -> :class:`ChestXrayImageOperator` (one radiograph per tick; P
 when the input holds no DICOM) -> the SDK's ``MonaiBundleInferenceOperator`` on ``configs/inference.json`` ->
 :class:`AnomalyResultWriterOperator` (DICOM SEG, SC and SR, plus JSON and PNG copies).
 
-The image operator reads pixels with :func:`custom_transforms.read_cxr`, exactly as ``configs/inference.json``
-does, and hands them over at the file's size; the bundle's ``LoadCXRd`` resizes them as it would a file, so the
+The image operator reads pixels with :func:`custom_transforms.io.read_cxr_dataset` on the dataset the SDK's loader
+read (the same pixel pipeline and checks as :func:`custom_transforms.read_cxr`, which ``configs/inference.json``
+uses), and hands them over at the file's size; the bundle's ``LoadCXRd`` resizes them as it would a file, so the
 Deploy app and ``python -m monai.bundle run inferring`` give the same map, mask and score for the same image.
 """
 
@@ -24,7 +25,7 @@ from monai.deploy.core import ConditionType, Image, Operator, OperatorSpec
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator
 
-from custom_transforms.io import CXRReadError, atomic_write_folder, png_bytes, read_cxr
+from custom_transforms.io import CXRReadError, atomic_write_folder, png_bytes, read_cxr, read_cxr_dataset
 from custom_transforms.utils import as_2d
 from scripts.deploy import dicom_outputs as dout
 from scripts.inference import output_stem
@@ -135,7 +136,8 @@ class ChestXrayImageOperator(Operator):
         pixels = None
         if not reasons:
             try:
-                pixels = read_cxr(path)
+                # DICOM: the dataset the SDK's loader read (no second read of the file), the checks of read_cxr
+                pixels = read_cxr_dataset(ds, path) if kind == "dicom" else read_cxr(path)
             except (CXRReadError, OSError) as e:
                 reasons = [str(getattr(e, "reason", None) or e)]
         if reasons:
