@@ -17,7 +17,6 @@ anomaly map is Grad-CAM on the last convolutional layer (Sec. V.C).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -28,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.networks.nets import ResNet
+from monai.networks.utils import eval_mode
 from monai.utils import convert_to_tensor
 from monai.visualize import GradCAM
 from monai.visualize.class_activation_maps import ModelWithHooks
 
-from custom_transforms.io import atomic_write_bytes
 from custom_transforms.utils import Choice
-from scripts.networks import unwrap
+from scripts.engine import validate_classifier_score
+from scripts.networks import model_state, unwrap
+from scripts.robust import atomic_torch_save
 
 __all__ = ["FEATURE_DIM", "AnatPasteClassifier", "DensityFitHandler", "FeatureDensity", "extract_features",
            "ledoit_wolf_shrinkage"]
@@ -45,7 +46,6 @@ FEATURE_DIM = 512  # ResNet18's pooled feature size
 CAM_LAYER = "backbone.layer4"  # last convolutional stage (AnatPaste Sec. V.C)
 ANOMALOUS = 1  # class index of AnatPaste-synthetic images
 _KIND = Choice("hparams#density", ("kde", "gaussian"), "density model")
-_SCORE = Choice("score", ("density", "softmax"), "anomaly score")
 
 
 def ledoit_wolf_shrinkage(centered: torch.Tensor) -> float:
@@ -72,10 +72,12 @@ class FeatureDensity(torch.nn.Module):
       ``log p(f) = logsumexp_i(-||f - b_i||^2 / (2 h^2)) - log N - D/2 log(2 pi h^2)``.
     - ``kind="gaussian"``: one Gaussian (CutPaste's Mahalanobis score), buffers ``mean`` ``(D,)`` and
       ``precision`` ``(D, D)``; the covariance is shrunk towards ``tr(S)/D I`` by ``shrinkage`` (``None``:
-      Ledoit-Wolf's estimate) so that it is invertible with fewer samples than dimensions.
+      Ledoit-Wolf's estimate) so that it is invertible with fewer samples than dimensions, and ``log_norm``
+      ``(1,)``, its log normaliser ``-(D log(2 pi) - log det precision) / 2``, computed once by :meth:`fit`.
 
-    All three buffers exist for both kinds (empty until fitted), so every checkpoint has the same keys;
-    loading resizes them to the incoming shapes.
+    All four buffers exist for both kinds (empty until fitted), so every checkpoint has the same keys;
+    loading resizes them to the incoming shapes (a state without ``log_norm``, saved before it existed, gets it
+    computed from its ``precision``).
     """
 
     __jit_unused_properties__ = ["fitted"]
@@ -92,6 +94,7 @@ class FeatureDensity(torch.nn.Module):
         self.register_buffer("bank", torch.zeros(0, 0))
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("precision", torch.zeros(0, 0))
+        self.register_buffer("log_norm", torch.zeros(0))
 
     @property
     def fitted(self) -> bool:
@@ -115,6 +118,7 @@ class FeatureDensity(torch.nn.Module):
             return self
         mean, precision = self._fit_gaussian(f.double())
         self.mean, self.precision = mean.to(dev, dtype), precision.to(dev, dtype)
+        self.log_norm = _gaussian_log_norm(precision).to(dev, dtype)
         return self
 
     def _fit_gaussian(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,11 +173,14 @@ class FeatureDensity(torch.nn.Module):
         self._check(mean, features)
         delta = features.to(mean.dtype) - mean
         m2 = ((delta @ precision) * delta).sum(1)
-        logdet_precision = torch.linalg.slogdet(precision.double())[1].to(mean.dtype)
-        return -0.5 * m2 - 0.5 * (mean.shape[0] * math.log(2.0 * math.pi) - logdet_precision)
+        return -0.5 * m2 + self.log_norm.to(mean.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        precision = state_dict.get(prefix + "precision")
+        if prefix + "log_norm" not in state_dict and isinstance(precision, torch.Tensor):  # saved before log_norm
+            state_dict[prefix + "log_norm"] = (_gaussian_log_norm(precision) if precision.numel() > 0
+                                               else torch.zeros(0, dtype=precision.dtype))
         for name, buf in self._buffers.items():  # fitted <-> unfitted: take the incoming shapes
             incoming = state_dict.get(prefix + name)
             if buf is not None and isinstance(incoming, torch.Tensor) and incoming.shape != buf.shape:
@@ -188,6 +195,12 @@ class FeatureDensity(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, bandwidth={self.bandwidth:g}, shrinkage={self.shrinkage!r}"
+
+
+def _gaussian_log_norm(precision: torch.Tensor) -> torch.Tensor:
+    """``(1,)`` log normaliser of a Gaussian with ``(D, D)`` ``precision``: ``-(D log(2 pi) - log det P) / 2``."""
+    logdet = torch.linalg.slogdet(precision.double())[1]
+    return (-0.5 * (precision.shape[0] * math.log(2.0 * math.pi) - logdet)).reshape(1).to(precision.dtype)
 
 
 def projection_head(head_dims: Sequence[int], num_classes: int) -> torch.nn.Sequential:
@@ -220,9 +233,7 @@ def backbone_state(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained backbone weights not found: '{path}'")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = model_state(torch.load(path, map_location="cpu", weights_only=True))
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' does not hold a state_dict (got {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -297,7 +308,7 @@ class AnatPasteClassifier(torch.nn.Module):
         Works under ``torch.no_grad()``/``inference_mode``; leaves ``.grad``, ``requires_grad`` and the
         train/eval mode of every module as it found them.
         """
-        _SCORE(score)
+        validate_classifier_score(score)
         if score == "density":
             self.density.require_fitted()
         x = convert_to_tensor(x, track_meta=False)
@@ -362,31 +373,11 @@ def extract_features(network: torch.nn.Module, loader, device=None, key: str = "
     """
     net = unwrap(network)
     device = device or next(net.parameters()).device
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    with eval_mode(net):
         feats = [net.embed(convert_to_tensor(batch[key], track_meta=False).to(device)).cpu() for batch in loader]
-    finally:
-        for m, mode in modes:
-            m.train(mode)
     if not feats:
         raise ValueError("the loader yielded no images to fit the density on")
     return torch.cat(feats)
-
-
-def _model_state(checkpoint) -> tuple[dict, bool]:
-    """The network ``state_dict`` in a checkpoint (bare, as MONAI's ``CheckpointSaver`` writes a single
-    object, or ``{"model": state_dict}``) and whether it was wrapped."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        return checkpoint["model"], True
-    return checkpoint, False
-
-
-def save_atomic(obj, path) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 class DensityFitHandler:
@@ -395,39 +386,38 @@ class DensityFitHandler:
     AnatPaste (Sato et al., iScience 2023) Sec. III.C: the density is fitted on the features of the training
     normals once the classifier is trained. Loads the best weights from ``checkpoint_path`` if it exists,
     fits the density on :func:`extract_features` of ``loader`` (the clean training normals), logs the number
-    of images and the time, and writes the checkpoint back atomically (temporary file in the same folder +
-    ``os.replace``) so that ``model.pt`` holds weights + density. The checkpoint may be a bare ``state_dict``
-    (what MONAI's ``CheckpointSaver`` writes for a single-entry ``save_dict``) or ``{"model": state_dict}``;
-    it is written back in the format it was read, other entries kept. Without a checkpoint file the density
-    is fitted on the in-memory weights and the bare ``state_dict`` is written. The in-memory network keeps
-    the best weights and the fitted density. Enable it on one rank only under DDP.
+    of images and the time, and writes the checkpoint back atomically (:func:`scripts.robust.atomic_torch_save`:
+    temporary file in the same folder + ``fsync`` + ``os.replace``) so that ``model.pt`` holds weights + density.
+    The checkpoint may be a bare ``state_dict`` (what MONAI's ``CheckpointSaver`` writes for a single-entry
+    ``save_dict``) or ``{"model": state_dict}``; it is written back in the format it was read, other entries
+    kept. Without a checkpoint file the density is fitted on the in-memory weights and the bare ``state_dict`` is
+    written. The in-memory network keeps the best weights and the fitted density. Enable it on one rank only
+    under DDP (``_disabled_`` in the config).
 
-    With ``run_state`` (``train#run_state``), the rewritten file's checksum becomes the run's ``best_sha256``, in
-    memory and in the newest training checkpoint of ``ckpt_dir`` (prefix ``train``): evaluations then still find
-    their training run (:func:`scripts.tracking.train_run_id`), and a resumed run does not "repair" ``model.pt``
-    back to weights without the density.
+    With ``run_state`` (``train#run_state``), the rewritten file is reported to it
+    (:meth:`scripts.handlers.RunState.model_rewritten`): its checksum becomes the run's ``best_sha256``, in memory
+    and in the training checkpoint, so evaluations still find their training run
+    (:func:`scripts.tracking.train_run_id`) and a resumed run does not "repair" ``model.pt`` back to weights
+    without the density.
     """
 
     def __init__(self, network: torch.nn.Module, loader, checkpoint_path, device=None, key: str = "image",
-                 enabled: bool = True, run_state=None, ckpt_dir=None):
+                 run_state=None):
         self.network, self.loader, self.path = network, loader, Path(checkpoint_path)
-        self.device, self.key, self.enabled = device, key, enabled
-        self.run_state, self.ckpt_dir = run_state, ckpt_dir
+        self.device, self.key, self.run_state = device, key, run_state
 
     def attach(self, engine: Engine) -> None:
-        if self.enabled:
-            engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
-        if not self.enabled:
-            return
         net = unwrap(self.network)
         if not isinstance(getattr(net, "density", None), FeatureDensity):
             raise TypeError(f"DensityFitHandler needs a network with a FeatureDensity 'density', got {type(net)}")
         checkpoint, wrapped = None, False
         if self.path.is_file():
             checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
-            state, wrapped = _model_state(checkpoint)
+            state = model_state(checkpoint)
+            wrapped = state is not checkpoint
             net.load_state_dict(state)
             logger.info("density fit: loaded the best weights from '%s'", self.path)
         else:
@@ -441,23 +431,7 @@ class DensityFitHandler:
         if wrapped:
             checkpoint["model"] = state
             state = checkpoint
-        save_atomic(state, self.path)
+        atomic_torch_save(state, self.path)
         logger.info("density fit: wrote weights + density to '%s'", self.path)
         if self.run_state is not None:
-            self._record_checksum()
-
-    def _record_checksum(self) -> None:
-        from custom_transforms.io import file_sha256
-        from scripts.robust import load_newest_checkpoint
-
-        sha = file_sha256(self.path)
-        self.run_state.best_sha256 = sha
-        if self.ckpt_dir is None:
-            return
-        path, content = load_newest_checkpoint(self.ckpt_dir, "train", set_aside=False)
-        if path is None or not isinstance(content.get("run"), dict):
-            logger.warning("density fit: no training checkpoint with a run record in '%s' to update", self.ckpt_dir)
-            return
-        content["run"]["best_sha256"] = sha
-        save_atomic(content, path)
-        logger.info("density fit: recorded the new model checksum in '%s'", path.name)
+            self.run_state.model_rewritten(self.path)

@@ -24,21 +24,12 @@ from scripts.robust import (
     AtomicDiskSaver,
     check_finite_terms,
     check_finite_weights,
-    checkpoint_candidates,
     load_newest_checkpoint,
     remove_stale_temp_files,
 )
 from scripts.tracking import RECORD_NAME
 
 logger = logging.getLogger(__name__)
-
-
-def latest_checkpoint(ckpt_dir, prefix: str = "train") -> Path | None:
-    """The newest ``<prefix>_checkpoint*.pt`` in ``ckpt_dir`` by the epoch in its name (or None); not checked."""
-    files = checkpoint_candidates(ckpt_dir, prefix)
-    return files[0] if files else None
-
-
 
 
 class RunState:
@@ -60,6 +51,7 @@ class RunState:
         self.best_sha256: str | None = None
         self.defer_best: bool = False  # True: best models wait for the training checkpoint (ResumableCheckpoint)
         self.best_savers: list[SafeCheckpointSaver] = []
+        self.checkpointers: list[ResumableCheckpoint] = []  # those that save this state (model_rewritten)
 
     def state_dict(self) -> dict:
         return {"mlflow_run_id": self.mlflow_run_id, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
@@ -75,6 +67,15 @@ class RunState:
         """Move the best models staged during validation into place (after the training checkpoint)."""
         for saver in self.best_savers:
             saver.commit()
+
+    def model_rewritten(self, path) -> None:
+        """The best model ``path`` was rewritten after training (e.g. :class:`scripts.classifier.DensityFitHandler`
+        fitted a density into it): its checksum becomes ``best_sha256``, here and, through
+        :meth:`ResumableCheckpoint.update_run_record`, in the newest training checkpoint. Evaluations then still
+        find their training run, and a resumed run does not "repair" ``model.pt`` back to the saved weights."""
+        self.best_sha256 = file_sha256(path)
+        for checkpointer in self.checkpointers:
+            checkpointer.update_run_record()
 
     def restored(self, epoch: int) -> None:
         """After a checkpoint of ``epoch`` was loaded: let the best-model savers take up the saved best metric."""
@@ -105,7 +106,6 @@ class ResumableCheckpoint:
         self.ckpt_dir, self.save_dict, self.resume, self.prefix = ckpt_dir, dict(save_dict), resume, prefix
         self.save_interval, self.save = save_interval, save  # save=False: load only (DDP ranks > 0)
         self.run_state = run_state
-        self.resumed_from: Path | None = None
         self._checkpoint: Checkpoint | None = None
 
     def _objects(self, engine: Engine) -> dict:
@@ -120,6 +120,7 @@ class ResumableCheckpoint:
         if self.save:
             if self.run_state is not None:
                 self.run_state.defer_best = True
+                self.run_state.checkpointers.append(self)
             self._checkpoint = Checkpoint(to_save=state, save_handler=AtomicDiskSaver(self.ckpt_dir),
                                           filename_prefix=self.prefix, score_function=lambda e: e.state.epoch,
                                           score_name="epoch", n_saved=1)
@@ -144,12 +145,26 @@ class ResumableCheckpoint:
             raise ValueError(f"checkpoint '{path}' is at epoch {engine.state.epoch}, beyond max_epochs "
                              f"{prior_max_epochs}: raise hparams#max_epochs to train further, or set resume false")
         engine.state.max_epochs = prior_max_epochs
-        self.resumed_from = path
         logger.info("resuming from '%s' (epoch %d, iteration %d)", path, engine.state.epoch, engine.state.iteration)
         if self._checkpoint is not None:  # the file resumed from is this run's previous checkpoint: replaced next
             self._checkpoint.load_state_dict({"_saved": [(engine.state.epoch, path.name)]})
         if self.run_state is not None:
             self.run_state.restored(engine.state.epoch)
+
+    def update_run_record(self) -> Path | None:
+        """Write ``run_state.best_sha256`` into the newest training checkpoint (weights and trainer state as saved),
+        atomically through this checkpoint's :class:`scripts.robust.AtomicDiskSaver`; return the file (None when
+        there is none with a run record, or this process does not save)."""
+        if self._checkpoint is None or self.run_state is None:
+            return None
+        path, content = load_newest_checkpoint(self.ckpt_dir, self.prefix, set_aside=False)
+        if path is None or not isinstance(content.get("run"), dict):
+            logger.warning("no training checkpoint with a run record in '%s' to update", self.ckpt_dir)
+            return None
+        content["run"]["best_sha256"] = self.run_state.best_sha256
+        self._checkpoint.save_handler(content, path.name)
+        logger.info("recorded the new model checksum in '%s'", path.name)
+        return path
 
     def _save(self, engine: Engine) -> None:
         check_finite_weights(self.save_dict, f"the training checkpoint of epoch {engine.state.epoch}")

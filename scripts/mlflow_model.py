@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - mlflow is a dependency; keep the modul
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnomalyModel", "MLflowModelLogger", "log_model", "load_bundle_model", "signature", "requirements"]
+__all__ = ["AnomalyModel", "MLflowModelLogger", "log_model", "signature", "requirements"]
 
 ARTIFACT_PATH = "model"
 INPUT_COLUMN = "image"
@@ -104,10 +104,9 @@ class AnomalyModel(PythonModel):
             parser["device"] = f"$torch.device('{device}')"
         self.device = parser.get_parsed_content("device")
         self.network = parser.get_parsed_content("network")
-        state = torch.load(str(model_file), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        self.network.load_state_dict(state)
+        from scripts.networks import model_state
+
+        self.network.load_state_dict(model_state(torch.load(str(model_file), map_location="cpu", weights_only=True)))
         self.network.eval()
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
@@ -144,11 +143,6 @@ class AnomalyModel(PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         return self.score(_as_items(model_input))
-
-
-def load_bundle_model(bundle_root, config_files, device: str | None = None) -> AnomalyModel:
-    """The model of ``<bundle_root>/models/model.pt`` without MLflow (for checks and local use)."""
-    return AnomalyModel().load(Path(bundle_root) / "models" / "model.pt", config_files, device)
 
 
 def signature():
@@ -264,18 +258,20 @@ class MLflowModelLogger:
     completes, log ``model_file`` as an MLflow model to the training's run (``run_state.mlflow_run_id``), and
     register it as ``register_model_name`` when given.
 
-    The model's configs are ``config_files`` (default ``configs/inference.json`` of the bundle's code) and
-    ``<output_dir>/mlflow_model_config.json``, written here with ``record`` (:func:`scripts.tracking.model_record`:
+    The model's configs are ``config_files`` (default ``configs/inference.json`` of the bundle's code) followed by
+    the record training wrote beside ``model_file`` (``model_config.json``, :func:`scripts.tracking.model_record`:
     the trained network sizes, model family and intensity transforms), so the model is built as trained. Attach
     after the MLflow handler that closes the run.
     """
 
-    def __init__(self, tracking_uri: str, run_state, model_file, record: dict, output_dir,
-                 config_files=None, register_model_name: str | None = None):
-        self.tracking_uri, self.run_state, self.model_file = tracking_uri, run_state, model_file
-        self.record, self.output_dir = dict(record), Path(output_dir)
+    def __init__(self, tracking_uri: str, run_state, model_file, config_files=None,
+                 register_model_name: str | None = None):
+        from scripts.tracking import RECORD_NAME
+
+        self.tracking_uri, self.run_state, self.model_file = tracking_uri, run_state, Path(model_file)
         self.config_files = [CODE_ROOT / "configs" / "inference.json"] if config_files is None else (
             [config_files] if isinstance(config_files, (str, Path)) else list(config_files))
+        self.config_files.append(self.model_file.parent / RECORD_NAME)
         self.register_model_name = register_model_name or None
         self.model_info = None
 
@@ -285,15 +281,11 @@ class MLflowModelLogger:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine=None):
-        from custom_transforms.io import write_json
-
         run_id = getattr(self.run_state, "mlflow_run_id", None)
         if not run_id:
             logger.warning("no MLflow training run to log the model to")
             return None
-        overrides = self.output_dir / "mlflow_model_config.json"
-        write_json(overrides, self.record)
-        self.model_info = log_model(run_id, self.output_dir, [*self.config_files, overrides],
+        self.model_info = log_model(run_id, self.model_file.parent, self.config_files,
                                     register_model_name=self.register_model_name, tracking_uri=self.tracking_uri,
                                     model_file=self.model_file)
         return self.model_info

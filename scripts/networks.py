@@ -19,7 +19,7 @@ import torch
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
 
-__all__ = ["FeatureUNet", "find_bottleneck", "forward_with_features", "unwrap"]
+__all__ = ["FeatureUNet", "find_bottleneck", "forward_with_features", "model_state", "unwrap"]
 
 
 def find_bottleneck(unet: torch.nn.Module) -> torch.nn.Module:
@@ -65,6 +65,15 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         network = network.module
     return network
+
+
+def model_state(checkpoint):
+    """The network ``state_dict`` of a loaded checkpoint: ``checkpoint["model"]`` when it is wrapped as
+    ``{"model": state_dict, ...}``, else ``checkpoint`` itself (a bare ``state_dict``, as MONAI's
+    ``CheckpointSaver`` writes a single object). ``model_state(c) is not c`` tells whether it was wrapped."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        return checkpoint["model"]
+    return checkpoint
 
 
 def forward_with_features(network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ stopped, checkpoints written atomically and resumed from the newest one that loa
   (a module before it is written to disk) raise :class:`NonFiniteError`.
 - Checkpoint files: :class:`AtomicDiskSaver` (ignite save handler: temporary file + ``fsync`` + ``os.replace``,
   old files removed only after the new one is complete, optionally staged until :meth:`AtomicDiskSaver.commit`),
+  :func:`atomic_torch_save` (the same write for any other ``torch.save``),
   :func:`checkpoint_candidates` / :func:`load_newest_checkpoint` (newest first, unreadable ones set aside).
 """
 
@@ -42,7 +43,8 @@ __all__ = [
     "ON_BAD_IMAGE", "check_on_bad_image", "check_learning_rate", "check_image_size", "check_training_config",
     "BadImageError", "ScreenedItems", "screen_items", "screen_split", "n_bad_images", "ScreenedCacheDataset",
     "NonFiniteError", "check_finite_terms", "check_finite_weights",
-    "AtomicDiskSaver", "checkpoint_candidates", "load_newest_checkpoint", "remove_stale_temp_files",
+    "AtomicDiskSaver", "atomic_torch_save", "checkpoint_candidates", "load_newest_checkpoint",
+    "remove_stale_temp_files",
 ]
 
 # ----------------------------------------------------------------------------------------- config checks
@@ -393,6 +395,35 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_temp(obj, path: Path, **kwargs) -> Path:
+    """``torch.save`` ``obj`` to the temporary file of ``path`` (``.<name>.<pid>.tmp``), flushed to disk; return it.
+    Nothing is left behind if the write fails."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f, **kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace_synced(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save(obj, path)`` as :class:`AtomicDiskSaver` writes: temporary file in the same folder (named so
+    that :func:`remove_stale_temp_files` finds it after a kill), ``fsync``, ``os.replace``; missing parent folders
+    are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_synced(_write_temp(obj, path), path)
+
+
 class AtomicDiskSaver(DiskSaver):
     """ignite ``DiskSaver`` that never leaves a partial file or no file behind.
 
@@ -424,16 +455,8 @@ class AtomicDiskSaver(DiskSaver):
 
     def _write(self, checkpoint, path, **kwargs) -> None:
         path = Path(path)
-        tmp = _temp_path(path)
         self.discard()  # an older staged version of a file is superseded
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f, **kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        tmp = _write_temp(checkpoint, path, **kwargs)
         self.last_file = tmp
         if self.stage:
             self.staged.append((tmp, path))
@@ -441,8 +464,7 @@ class AtomicDiskSaver(DiskSaver):
             self._replace(tmp, path)
 
     def _replace(self, tmp: Path, path: Path) -> None:
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _replace_synced(tmp, path)
         self.last_file = path
         keep = path.name
         for name in self.pending_removals:

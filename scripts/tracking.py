@@ -132,7 +132,6 @@ class BestMetricLogger:
     def __init__(self, tracking_uri: str, run_state=None, validator=None, metric_name: str = "val_dice"):
         self.tracking_uri, self.run_state, self.validator = tracking_uri, run_state, validator
         self.metric_name = metric_name
-        self.logged: dict = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -155,9 +154,8 @@ class BestMetricLogger:
         if not run_id or epoch is None or value is None:
             logger.info("no best %s to log to MLflow", self.metric_name)
             return
-        self.logged = {f"best_{self.metric_name}": float(value), "best_epoch": int(epoch)}
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        for k, v in self.logged.items():
+        for k, v in {f"best_{self.metric_name}": float(value), "best_epoch": int(epoch)}.items():
             client.log_metric(run_id, k, float(v))
         logger.info("best %s %.4g at epoch %d (MLflow run %s)", self.metric_name, value, epoch, run_id)
 
@@ -193,7 +191,6 @@ class RunArtifacts:
 
     def __init__(self, tracking_uri: str, run_of: Callable[[], str | None], artifacts):
         self.tracking_uri, self.run_of, self.artifacts = tracking_uri, run_of, [str(a) for a in artifacts]
-        self.logged: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -209,7 +206,6 @@ class RunArtifacts:
         for a in self.artifacts:
             if Path(a).is_file():
                 client.log_artifact(run_id, a)
-                self.logged.append(a)
             else:
                 logger.warning("'%s' does not exist: not logged to MLflow run %s", a, run_id)
 

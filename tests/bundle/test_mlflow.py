@@ -168,7 +168,7 @@ def test_model_registered_on_an_mlflow_server(trained, mlflow_server):
 
     run_id = log_run(mlflow_server, "art-asyn-server", "served_run", {"image_size": 64}, {"val_dice": 0.5})
     info = log_model(run_id, trained.root, [str(Path(TRAIN[0]).parent / "inference.json"),
-                                            str(trained.root / "output" / "mlflow_model_config.json")],
+                                            str(trained.root / "models" / "model_config.json")],
                      register_model_name="art-asyn-served", tracking_uri=mlflow_server)
 
     run = _get(mlflow_server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]

@@ -291,11 +291,9 @@ def test_density_fit_handler(tmp_path, wrapped):
         torch.testing.assert_close(-fresh.score(x), expected, rtol=1e-6, atol=1e-4)
 
 
-def test_density_fit_handler_without_checkpoint_or_disabled(tmp_path):
+def test_density_fit_handler_without_checkpoint(tmp_path):
     loader = [{"image": images(2, seed=30)}]
     net = make_net()
-    DensityFitHandler(net, loader, tmp_path / "off.pt", enabled=False)()
-    assert not (tmp_path / "off.pt").exists() and not net.density.fitted
     DensityFitHandler(net, loader, tmp_path / "sub" / "model.pt")()
     fresh = make_net(seed=4)
     fresh.load_state_dict(torch.load(tmp_path / "sub" / "model.pt", weights_only=True))
