@@ -923,14 +923,49 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(path) -> Path:
+    """The temporary file of an atomic write of ``path``: ``.<name>.<pid>.tmp`` in the same folder (the pid lets
+    ``scripts.robust.remove_stale_temp_files`` tell a killed writer's leftover from a live one)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def fsync_dir(folder) -> None:
+    """Flush a folder's entries (a rename in it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_synced(tmp, path) -> None:
+    """``os.replace(tmp, path)``, then flush the folder so that the rename survives a power loss."""
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def atomic_write_bytes(path, data: bytes, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` through :func:`temp_path` and ``os.replace``: readers see the old file or the new
+    one, never a part. ``sync``: also ``fsync`` the file and the folder (checkpoints; outputs skip the cost)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        replace_synced(tmp, path) if sync else os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -33,7 +33,7 @@ from ignite.handlers import DiskSaver
 from monai.data import CacheDataset
 from monai.transforms import Compose, RandomizableTrait, Transform, convert_to_contiguous
 
-from custom_transforms.io import CXRReadError
+from custom_transforms.io import TEMP_SUFFIX, CXRReadError, replace_synced, temp_path
 from custom_transforms.utils import Choice
 from scripts.networks import unwrap
 
@@ -375,30 +375,10 @@ def check_finite_weights(objects: Mapping | torch.nn.Module, where: str) -> None
 
 # ------------------------------------------------------------------------------------- checkpoint files
 
-TEMP_SUFFIX = ".tmp"
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_temp(obj, path: Path, **kwargs) -> Path:
     """``torch.save`` ``obj`` to the temporary file of ``path`` (``.<name>.<pid>.tmp``), flushed to disk; return it.
     Nothing is left behind if the write fails."""
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f, **kwargs)
@@ -410,18 +390,13 @@ def _write_temp(obj, path: Path, **kwargs) -> Path:
     return tmp
 
 
-def _replace_synced(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def atomic_torch_save(obj, path) -> None:
     """``torch.save(obj, path)`` as :class:`AtomicDiskSaver` writes: temporary file in the same folder (named so
     that :func:`remove_stale_temp_files` finds it after a kill), ``fsync``, ``os.replace``; missing parent folders
     are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_synced(_write_temp(obj, path), path)
+    replace_synced(_write_temp(obj, path), path)
 
 
 class AtomicDiskSaver(DiskSaver):
@@ -464,7 +439,7 @@ class AtomicDiskSaver(DiskSaver):
             self._replace(tmp, path)
 
     def _replace(self, tmp: Path, path: Path) -> None:
-        _replace_synced(tmp, path)
+        replace_synced(tmp, path)
         self.last_file = path
         keep = path.name
         for name in self.pending_removals:
@@ -541,7 +516,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_files(folder) -> list[Path]:
-    """Delete the temporary files :class:`AtomicDiskSaver` left in ``folder`` when its process was killed
+    """Delete the temporary files an atomic write (:class:`AtomicDiskSaver`, :func:`atomic_torch_save`,
+    ``custom_transforms.io.atomic_write_bytes``) left in ``folder`` when its process was killed
     (``.<name>.<pid>.tmp`` whose process is gone); return them."""
     removed = []
     for p in Path(folder).glob(f".*.*{TEMP_SUFFIX}"):
