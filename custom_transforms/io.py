@@ -970,9 +970,14 @@ def atomic_write_bytes(path, data: bytes, sync: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def json_bytes(obj) -> bytes:
+    """``obj`` as indented JSON text (values JSON cannot hold are written as ``str``)."""
+    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
+
+
 def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON atomically (values JSON cannot hold are written as ``str``)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    """Write ``obj`` as indented JSON atomically (:func:`json_bytes`)."""
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def png_bytes(img: np.ndarray) -> bytes:

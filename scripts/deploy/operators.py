@@ -25,7 +25,14 @@ from monai.deploy.core import ConditionType, Image, Operator, OperatorSpec
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator
 
-from custom_transforms.io import CXRReadError, atomic_write_folder, png_bytes, read_cxr, read_cxr_dataset
+from custom_transforms.io import (
+    CXRReadError,
+    atomic_write_folder,
+    json_bytes,
+    png_bytes,
+    read_cxr,
+    read_cxr_dataset,
+)
 from custom_transforms.utils import as_2d
 from scripts.deploy import dicom_outputs as dout
 from scripts.inference import output_stem
@@ -276,7 +283,7 @@ class AnomalyResultWriterOperator(Operator):
             result["files"] += list(made)
             result["source_sop_instance_uid"] = str(ds.SOPInstanceUID)
             result["sop_instance_uids"] = {k: str(v.SOPInstanceUID) for k, v in made.items()}
-        files["result.json"] = (json.dumps(result, indent=2) + "\n").encode()
+        files["result.json"] = json_bytes(result)
         folder = self.output_folder / source["name"]
         atomic_write_folder(folder, files)
         return folder
